@@ -1,0 +1,28 @@
+# One-command set-up: `make test` and `make demo` create .venv and install the pinned set on a fresh machine.
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: test demo bench venv clean
+
+$(STAMP): pyproject.toml constraints.txt
+	test -d $(VENV) || $(PY) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q -c constraints.txt torch==2.13.0
+	$(BIN)/python -m pip install -q -c constraints.txt -e '.[test,bench]'
+	touch $(STAMP)
+
+venv: $(STAMP)
+
+test: $(STAMP)
+	OMP_NUM_THREADS=2 $(BIN)/python -m pytest -q tests
+
+demo: $(STAMP)
+	$(BIN)/compactfusion generate --nproc 4 --strategy ring --codec binary --warmup-steps 1 --reference --prompt 7 --out out
+
+bench: $(STAMP)
+	$(BIN)/python -m compactfusion.bench.make_docs --out docs
+
+clean:
+	rm -rf $(VENV) out .pytest_cache

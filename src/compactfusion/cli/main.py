@@ -1,0 +1,64 @@
+"""``compactfusion`` command line: generate, train-digits, bench <name>.
+
+User errors print one line on stderr and exit with code 2 (never a traceback).
+"""
+from __future__ import annotations
+
+import importlib
+import sys
+
+from .args import UsageError
+
+BENCHES = {
+    "codecs": "compactfusion.bench.codecs",
+    "comm": "compactfusion.bench.comm",
+    "quality": "compactfusion.bench.quality",
+    "latency": "compactfusion.bench.latency",
+    "project": "compactfusion.bench.project",
+    "soak": "compactfusion.bench.soak",
+}
+
+USAGE = """usage: compactfusion <command> [options]
+
+commands:
+  generate        run a (parallel) generation; `compactfusion generate --help`
+  train-digits    train the bundled digits model
+  bench NAME      benchmarks: {benches}
+""".format(benches=", ".join(BENCHES))
+
+
+def fail(message: str) -> int:
+    print(f"compactfusion: error: {message}", file=sys.stderr)
+    return 2
+
+
+def run_guarded(fn, argv) -> int:
+    """Run a command; user errors (ValueError/TypeError/UsageError) become one line + exit 2."""
+    try:
+        return int(fn(argv) or 0)
+    except (UsageError, ValueError, TypeError, FileNotFoundError) as e:
+        return fail(str(e).splitlines()[0] if str(e) else type(e).__name__)
+
+
+def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(USAGE)
+        return 0 if argv else 2
+    cmd, rest = argv[0], argv[1:]
+    if cmd == "generate":
+        from .generate import main as generate_main
+        return run_guarded(generate_main, rest)
+    if cmd == "train-digits":
+        from ..models.digits_train import main as train_main
+        return run_guarded(train_main, rest)
+    if cmd == "bench":
+        if not rest or rest[0] not in BENCHES:
+            return fail(f"bench needs one of: {', '.join(BENCHES)}")
+        module = importlib.import_module(BENCHES[rest[0]])
+        return run_guarded(module.main, rest[1:])
+    return fail(f"unknown command {cmd!r}; use one of: generate, train-digits, bench")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

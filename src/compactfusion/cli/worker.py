@@ -1,0 +1,131 @@
+"""The body of one ``compactfusion generate`` rank: load, parallelize, generate, report."""
+from __future__ import annotations
+
+import json
+import os
+import time
+from datetime import timedelta
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from .args import UsageError
+from .generate import build_configs
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def _device_and_dtype(a):
+    cuda = torch.cuda.is_available()
+    device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}") if cuda else torch.device("cpu")
+    dtype = DTYPES.get(a.dtype) or (torch.bfloat16 if cuda else torch.float32)
+    return device, dtype
+
+
+def _to_pil(arr: np.ndarray):
+    from PIL import Image
+    a = (np.clip(arr, 0, 1) * 255).round().astype(np.uint8)
+    return Image.fromarray(a[..., 0] if a.shape[-1] == 1 else a)
+
+
+def run_worker(a) -> int:
+    from ..api import parallelize, stats, unparallelize
+    from ..metrics import finite_psnr, psnr, ssim
+    from ..models.loading import call_kwargs, load_pipeline, spatial_factor
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    cfg, compression, link = build_configs(a, world)
+    device, dtype = _device_and_dtype(a)
+    if world > 1:
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=timedelta(seconds=a.timeout))
+    try:
+        pipe = load_pipeline(a.model, dtype, device)
+        factor = spatial_factor(pipe)
+        for name in ("height", "width"):
+            v = getattr(a, name)
+            if v is not None and v % factor:
+                raise UsageError(f"--{name} {v} must be a multiple of {factor} for this model")
+        if a.cfg_parallel and type(pipe).__name__.startswith("Flux") and not hasattr(pipe, "label_embedder"):
+            raise UsageError("--cfg-parallel needs a pipeline with classifier-free guidance; Flux pipelines have none")
+        kwargs = call_kwargs(pipe, a.prompt, a.steps, a.seed, a.height, a.width, a.guidance_scale, a.num_images)
+        if world > 1:
+            parallelize(pipe, cfg)
+        elif hasattr(pipe, "set_progress_bar_config"):
+            pipe.set_progress_bar_config(disable=a.quiet)
+        start = time.perf_counter()
+        images = pipe(**kwargs).images
+        wall = time.perf_counter() - start
+        per_rank = [stats(pipe)] if world > 1 else [{}]
+        if world > 1:
+            gathered = [None] * world
+            dist.all_gather_object(gathered, per_rank[0])
+            per_rank = gathered
+            walls = [None] * world
+            dist.all_gather_object(walls, wall)
+            wall = max(walls)
+        if rank != 0:
+            return 0
+        report = _report(a, cfg, link, world, per_rank, wall, images)
+        out = Path(a.out)
+        out.mkdir(parents=True, exist_ok=True)
+        names = []
+        for i, img in enumerate(images):
+            _to_pil(img).save(out / f"image_{i}.png")
+            names.append(f"image_{i}.png")
+        report["images"] = names
+        if a.reference:
+            if world > 1:
+                unparallelize(pipe)
+            pipe.set_progress_bar_config(disable=True)
+            kwargs = call_kwargs(pipe, a.prompt, a.steps, a.seed, a.height, a.width, a.guidance_scale, a.num_images)
+            start = time.perf_counter()
+            refs = pipe(**kwargs).images
+            report["reference_wall_time_s"] = round(time.perf_counter() - start, 4)
+            for i, ref in enumerate(refs):
+                _to_pil(ref).save(out / f"reference_{i}.png")
+            report["psnr_vs_reference"] = float(np.mean([finite_psnr(psnr(r, x)) for r, x in zip(refs, images)]))
+            report["ssim_vs_reference"] = round(float(np.mean([ssim(r, x) for r, x in zip(refs, images)])), 5)
+            report["max_abs_diff_vs_reference"] = float(max(np.abs(r - x).max() for r, x in zip(refs, images)))
+        (out / "report.json").write_text(json.dumps(report, indent=1))
+        if not a.quiet:
+            print(summary_table(report))
+        return 0
+    finally:
+        if world > 1 and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def _report(a, cfg, link, world, per_rank, wall, images) -> dict:
+    def total(key):
+        return int(sum(s.get(key, 0) for s in per_rank))
+    sent, raw = total("bytes_sent"), total("bytes_uncompressed")
+    return {
+        "strategy": cfg.strategy, "codec": a.codec, "world_size": world, "steps": a.steps, "seed": a.seed,
+        "prompt": a.prompt, "model": a.model or "bundled:digits", "residual_order": a.residual,
+        "error_feedback": not a.no_error_feedback and a.residual != 0, "warmup_steps": a.warmup_steps,
+        "cfg_parallel": a.cfg_parallel, "ulysses_degree": a.ulysses_degree, "ring_degree": a.ring_degree,
+        "images": [], "bytes_sent": sent, "bytes_uncompressed": raw,
+        "bytes_sent_per_rank": [int(s.get("bytes_sent", 0)) for s in per_rank],
+        "compression_ratio": round(raw / sent, 3) if sent else 1.0,
+        "wall_time_s": round(wall, 4),
+        "modeled_comm_s": round(max((s.get("modeled_comm_s", 0.0) for s in per_rank), default=0.0), 6),
+        "state_bytes_per_rank": [int(s.get("state_bytes", 0)) for s in per_rank],
+        "link": link.to_dict(), "image_shape": list(np.asarray(images[0]).shape),
+    }
+
+
+def summary_table(r: dict) -> str:
+    rows = [("strategy", r["strategy"]), ("codec", r["codec"]), ("world size", r["world_size"]),
+            ("steps", r["steps"]), ("bytes sent (all ranks)", f"{r['bytes_sent']:,}"),
+            ("bytes uncompressed", f"{r['bytes_uncompressed']:,}"), ("compression ratio", f"{r['compression_ratio']:.2f}x"),
+            ("wall time", f"{r['wall_time_s']:.3f} s"), ("modelled link time", f"{r['modeled_comm_s']:.4f} s")]
+    if "psnr_vs_reference" in r:
+        rows += [("PSNR vs single device", f"{r['psnr_vs_reference']:.2f} dB"),
+                 ("SSIM vs single device", f"{r['ssim_vs_reference']:.4f}")]
+    width = max(len(k) for k, _ in rows)
+    return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
