@@ -32,12 +32,47 @@ def parallelize(pipe, config: ParallelConfig, group=None):
         raise ValueError("torch.distributed is not initialised: call torch.distributed.init_process_group() first "
                          "(launch with torchrun, or `compactfusion generate --nproc N`)")
     adapter = adapter_for(transformer)
+    config.resolve(dist.get_world_size())  # degrees vs world size: a ValueError before any group is built
+    _check_config_agreement(config)
     ctx = ParallelContext(config, group=group)
     runtime = PipelineRuntime(pipe, transformer, adapter, ctx, config)
     install_pipeline_class(pipe, runtime)
     if hasattr(pipe, "set_progress_bar_config"):
         pipe.set_progress_bar_config(disable=ctx.rank != 0)
     return pipe
+
+
+def _flat(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def _check_config_agreement(config: ParallelConfig) -> None:
+    """Collective: all ranks must pass the same configuration; otherwise raise on every rank, naming the fields.
+
+    Runs before the context builds its process groups, so a mismatch (e.g. different strategies, which
+    build different groups) ends in this message instead of a hang or mixed-up collectives.
+    """
+    from .comm import Communicator
+    from .parallel.errors import ConfigMismatchError
+
+    comm = Communicator(None, None, None, config.timeout_s)
+    flat = _flat(config.to_dict())
+    flat.pop("timeout_s", None)  # a per-rank timeout may legitimately differ
+    tables = comm.all_gather_object((config.fingerprint(), flat))
+    bad = [r for r, t in enumerate(tables) if t[0] != tables[0][0]]
+    if not bad:
+        return
+    names = [n for n in flat if len({repr(t[1].get(n)) for t in tables}) > 1] or ["compression.plan"]
+    what = "; ".join(f"{n} (" + ", ".join(f"rank {r}: {t[1].get(n)!r}" for r, t in enumerate(tables)) + ")"
+                     for n in names)
+    raise ConfigMismatchError(f"ranks {bad} were given a different ParallelConfig than rank 0: {what}; pass the "
+                              f"same configuration on every rank", bad)
 
 
 def unparallelize(pipe):

@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
+import shutil
 import sys
 import tempfile
 import time
@@ -19,6 +21,12 @@ from .args import Parser, UsageError
 
 STRATEGIES = ("none", "patch", "distrifusion", "ring", "ulysses", "usp")
 MAX_LOCAL_PROCS = 64
+#: Exit code of a rank that stopped because a peer failed or stalled (a CommError): a consequence, not a cause.
+PEER_FAILURE_EXIT = 3
+#: How long such a rank waits before exiting, so that the launcher (polling every 0.1 s) sees the rank that
+#: failed first and reports it; the launcher terminates the waiting rank meanwhile.
+PEER_FAILURE_GRACE_S = 2.0
+BUNDLED_MARKER = Path(__file__).resolve().parent.parent / "assets" / "digits" / "digits_pipeline.json"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -84,6 +92,8 @@ def build_configs(a, world: int):
         v = getattr(a, name)
         if v is not None and v <= 0:
             raise UsageError(f"--{name} must be positive, got {v}")
+    if not 0 <= a.seed < 2**63:
+        raise UsageError(f"--seed must be between 0 and 2**63 - 1, got {a.seed}")
     if a.warmup_steps < 0:
         raise UsageError(f"--warmup-steps must be >= 0, got {a.warmup_steps}")
     if a.codec != "none" and a.warmup_steps >= a.steps:
@@ -108,8 +118,54 @@ def build_configs(a, world: int):
     cfg = ParallelConfig(strategy=strategy, compression=compression, link=link, ulysses_degree=a.ulysses_degree,
                          ring_degree=a.ring_degree, cfg_parallel=a.cfg_parallel, timeout_s=a.timeout,
                          check_consistency_every=a.check_consistency)
-    cfg.validate_world(world)
+    cfg.resolve(world)
     return cfg, compression, link
+
+
+def check_model_args(a, cfg, world: int) -> None:
+    """Model-dependent checks that need no weights (so they fail in a second, before workers start).
+
+    The bundled digits model: prompt, size, tokens vs ranks, CFG. A diffusers folder: it must be a
+    transformer pipeline, and CFG parallel needs a pipeline with classifier-free guidance. Other checks
+    (e.g. the spatial factor of a diffusers model) happen in the workers after loading.
+    """
+    digits = a.model is None or Path(a.model, "digits_pipeline.json").is_file()
+    if digits:
+        if a.model is None and not BUNDLED_MARKER.is_file():
+            raise UsageError("the bundled digits model is not installed; pass --model DIR (a diffusers or digits "
+                             "folder) or create it with `compactfusion train-digits --out DIR`")
+        from ..models.digits import IMAGE_SIZE, PACK, parse_label
+        try:
+            parse_label(a.prompt)
+        except (TypeError, ValueError) as e:
+            raise UsageError(f"--prompt: {e}") from None
+        h, w = a.height or IMAGE_SIZE, a.width or IMAGE_SIZE
+        for name, v in (("height", h), ("width", w)):
+            if v % PACK:
+                raise UsageError(f"--{name} {v} must be a multiple of {PACK} for the digits model")
+        mesh = cfg.resolve(world)
+        tokens = (h // PACK) * (w // PACK)
+        if tokens < mesh.sp:
+            raise UsageError(f"a {h}x{w} image has {tokens} tokens, fewer than the {mesh.sp} sequence-parallel "
+                             f"ranks; use a larger --height/--width or fewer ranks")
+        if a.cfg_parallel and a.guidance_scale is not None and a.guidance_scale <= 1.0:
+            raise UsageError(f"--cfg-parallel needs classifier-free guidance, but --guidance-scale {a.guidance_scale:g} "
+                             f"turns it off; use a scale > 1 or drop --cfg-parallel")
+        return
+    index = Path(a.model, "model_index.json")
+    if not index.is_file():
+        return  # a hub id (resolved from the local cache by the workers)
+    try:
+        info = json.loads(index.read_text())
+    except (OSError, ValueError) as e:
+        raise UsageError(f"--model: cannot read {index}: {e}") from None
+    cls = str(info.get("_class_name", "?"))
+    if "transformer" not in info:
+        raise UsageError(f"--model {a.model!r} is a {cls} without a `transformer` component; compactfusion runs "
+                         f"diffusion-transformer pipelines (Flux, SD3, PixArt, ...), not UNet pipelines")
+    if a.cfg_parallel and cls.startswith("Flux"):
+        raise UsageError(f"--cfg-parallel needs a pipeline with classifier-free guidance; {cls} has none "
+                         f"(guidance is distilled into the model); drop --cfg-parallel")
 
 
 def main(argv=None) -> int:
@@ -124,23 +180,41 @@ def main(argv=None) -> int:
         raise UsageError(f"--model {a.model!r} is neither a local folder nor a hub id (owner/name)")
     if a.model is not None and a.model.startswith((".", "/")) and not Path(a.model).is_dir():
         raise UsageError(f"--model folder {a.model!r} does not exist")
+    if Path(a.out).exists() and not Path(a.out).is_dir():
+        raise UsageError(f"--out {a.out!r} exists and is not a folder; pass a folder for the images and report")
+    if a.nnodes > 1 and a.rdzv_backend == "static" and a.node_rank is None:
+        raise UsageError("--rdzv-backend static with --nnodes > 1 needs --node-rank on every node")
+    if a.node_rank is not None and not 0 <= a.node_rank < a.nnodes:
+        raise UsageError(f"--node-rank must be between 0 and --nnodes - 1 ({a.nnodes - 1}), got {a.node_rank}")
     if under_launcher():
         world = int(os.environ["WORLD_SIZE"])
         if a.nproc not in (None, 1):
             raise UsageError("--nproc self-launches workers; under torchrun leave it out (torchrun sets the world)")
-        build_configs(a, world)
+        cfg, _, _ = build_configs(a, world)
+        check_model_args(a, cfg, world)
         return worker(vars(a), None)
     nproc = a.nproc or 1
-    build_configs(a, nproc * a.nnodes)  # fail fast, before any process starts
+    cfg, _, _ = build_configs(a, nproc * a.nnodes)  # fail fast, before any process starts
+    check_model_args(a, cfg, nproc * a.nnodes)
     if nproc * a.nnodes == 1:
         return worker(vars(a), None)
     return launch(a, nproc)
 
 
-def launch(a, nproc: int) -> int:
-    """Start nproc local workers (and join other nodes) through torch's elastic launcher."""
+def launch(a, nproc: int, fn=None) -> int:
+    """Start nproc local workers running ``fn(vars(a), errdir)`` (default: ``worker``) through torch's
+    elastic launcher (and join other nodes). If any rank dies or raises, the launcher stops the others and
+    this prints one line naming that rank and why; exit code 2 for user errors, 1 otherwise."""
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
+
+    if not os.environ.get("COMPACTFUSION_DEBUG"):
+        # The launcher logs every failure with a traceback of its own polling code; we print one line instead.
+        for name in ("torch.distributed.elastic", "torch.multiprocessing"):
+            logging.getLogger(name).setLevel(logging.CRITICAL)
+        # Killed workers leave semaphores that multiprocessing's resource tracker reclaims with a warning.
+        if "ignore:resource_tracker:UserWarning" not in sys.warnoptions:
+            sys.warnoptions.append("ignore:resource_tracker:UserWarning")
 
     errdir = tempfile.mkdtemp(prefix="compactfusion-err-")
     endpoint = a.rdzv_endpoint or f"127.0.0.1:{_free_port()}"
@@ -152,10 +226,32 @@ def launch(a, nproc: int) -> int:
     if a.rdzv_backend == "static":
         config.rdzv_configs.setdefault("rank", a.node_rank or 0)
     try:
-        elastic_launch(config, worker)(vars(a), errdir)
+        elastic_launch(config, fn or worker)(vars(a), errdir)
     except ChildFailedError as e:
         return _report_failure(e, errdir)
+    finally:
+        shutil.rmtree(errdir, ignore_errors=True)
     return 0
+
+
+def _failure_reason(rank: int, failure, errdir: str) -> str:
+    """Why ``rank`` failed: the worker's own note, the launcher's error record, or the signal / exit code."""
+    note = Path(errdir, f"rank{rank:04d}.fail")
+    if note.is_file() and note.read_text().strip():
+        return note.read_text().strip()
+    code = failure.exitcode
+    if code is not None and code < 0:
+        import signal
+        try:
+            return f"killed by signal {signal.Signals(-code).name} (exit code {code})"
+        except ValueError:
+            return f"killed by signal {-code}"
+    msg = failure.message
+    if isinstance(msg, dict):  # the elastic error file: {"message": "Type: text", "extraInfo": {...}}
+        msg = msg.get("message", "")
+    if isinstance(msg, str) and msg and not msg.startswith("To enable traceback"):
+        return msg
+    return f"exit code {code}"
 
 
 def _report_failure(e, errdir: str) -> int:
@@ -163,13 +259,14 @@ def _report_failure(e, errdir: str) -> int:
     if user_errors:
         print(f"compactfusion: error: {user_errors[0].read_text().strip()}", file=sys.stderr)
         return 2
-    rank, failure = next(iter(sorted(e.failures.items())))
-    reason = failure.message if isinstance(failure.message, str) and failure.message else ""
-    if not reason and failure.exitcode is not None and failure.exitcode < 0:
-        import signal
-        reason = f"killed by signal {signal.Signals(-failure.exitcode).name}"
-    reason = reason or f"exit code {failure.exitcode}"
-    print(f"compactfusion: error: rank {rank} failed: {reason.splitlines()[0]}", file=sys.stderr)
+    failures = sorted(e.failures.items())
+    # The root cause, not a rank that merely stopped because a peer failed (they wait PEER_FAILURE_GRACE_S).
+    primary = [(r, f) for r, f in failures if f.exitcode != PEER_FAILURE_EXIT] or failures
+    rank, failure = primary[0]
+    reason = _failure_reason(rank, failure, errdir).splitlines()[0]
+    if failure.exitcode == PEER_FAILURE_EXIT:
+        reason += " (it stopped because a peer failed or stalled)"
+    print(f"compactfusion: error: rank {rank} failed: {reason}; the other ranks were stopped", file=sys.stderr)
     return 1
 
 
@@ -180,15 +277,39 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def worker(args: dict, errdir: str | None) -> int:
-    """One rank. User errors are written to errdir (for the launcher) and printed as one line; exit code 2."""
-    from .worker import run_worker
+def worker(args: dict, errdir: str | None, body=None) -> int:
+    """One rank running ``body(namespace)`` (default: ``run_worker``), with the failure protocol:
+
+    * user errors (ValueError/TypeError/UsageError, incl. ConfigMismatchError) go to errdir and exit 2;
+    * a CommError (a peer died, stalled or closed its connection) is a consequence: note it, wait
+      PEER_FAILURE_GRACE_S so the launcher reports the rank that failed first, exit PEER_FAILURE_EXIT;
+    * anything else is noted in errdir (one line for the launcher) and re-raised (traceback on stderr).
+    Without errdir (one process, or torchrun) user errors propagate to ``run_guarded``.
+    """
+    from ..comm import CommError
+    if body is None:
+        from .worker import run_worker as body
+    rank = os.environ.get("RANK", "0")
+
+    def note(suffix: str, text: str) -> None:
+        if errdir:
+            Path(errdir, f"rank{int(rank):04d}.{suffix}").write_text(text)
+
     try:
-        return run_worker(argparse.Namespace(**args))
+        return body(argparse.Namespace(**args))
     except (UsageError, ValueError, TypeError, FileNotFoundError) as e:
         msg = str(e).splitlines()[0] if str(e) else type(e).__name__
-        rank = os.environ.get("RANK", "0")
         if errdir:
-            Path(errdir, f"rank{int(rank):04d}.txt").write_text(f"rank {rank}: {msg}")
+            note("txt", f"rank {rank}: {msg}")
             sys.exit(2)
+        raise
+    except CommError as e:
+        msg = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+        note("fail", msg)
+        if not errdir:
+            print(f"compactfusion: error: rank {rank} stopped: {msg}", file=sys.stderr)
+        time.sleep(PEER_FAILURE_GRACE_S)
+        sys.exit(PEER_FAILURE_EXIT)
+    except Exception as e:
+        note("fail", f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
         raise

@@ -54,9 +54,9 @@ def run_worker(a) -> int:
             raise UsageError("--cfg-parallel needs a pipeline with classifier-free guidance; Flux pipelines have none")
         kwargs = call_kwargs(pipe, a.prompt, a.steps, a.seed, a.height, a.width, a.guidance_scale, a.num_images)
         if world > 1:
-            parallelize(pipe, cfg)
-        elif hasattr(pipe, "set_progress_bar_config"):
-            pipe.set_progress_bar_config(disable=a.quiet)
+            parallelize(pipe, cfg)  # enables the progress bar on rank 0 only
+        if a.quiet and hasattr(pipe, "set_progress_bar_config"):
+            pipe.set_progress_bar_config(disable=True)
         start = time.perf_counter()
         images = pipe(**kwargs).images
         wall = time.perf_counter() - start

@@ -3,6 +3,9 @@
 A codec never holds per-stream state itself; state that makes a codec better over time (the
 warm-started basis of the low-rank codecs) lives in a ``CodecState`` owned by the caller, one per
 stream, so that every generation can drop it by dropping the residual coder that owns it.
+
+There is no header on the wire: the byte count and every split offset derive from (N, C, spec),
+which sender and receiver must agree on. See docs/wire-formats.md.
 """
 from __future__ import annotations
 
@@ -10,6 +13,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+
+#: Input dtypes every codec accepts (lossless raw codecs narrow this further).
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
 @dataclass
@@ -48,3 +54,62 @@ class Codec:
 
     def __repr__(self) -> str:
         return f"<codec {self.spec}>"
+
+    # ---- shared validation (typed exceptions, never assert: they must survive python -O) ----
+
+    def _check_input(self, x: torch.Tensor) -> tuple[int, int]:
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"codec {self.spec}: expected a torch.Tensor, got {type(x).__name__}")
+        if x.dtype not in FLOAT_DTYPES:
+            raise TypeError(
+                f"codec {self.spec}: expected a floating tensor (float16/bfloat16/float32/float64), got {x.dtype}"
+            )
+        if x.dim() != 2:
+            raise ValueError(f"codec {self.spec}: expected a 2-D (N, C) tensor, got shape {tuple(x.shape)}")
+        n, c = x.shape
+        if n == 0 or c == 0:
+            raise ValueError(f"codec {self.spec}: cannot encode an empty tensor of shape ({n}, {c})")
+        return int(n), int(c)
+
+    def _check_finite(self, x: torch.Tensor, probe: torch.Tensor | None = None) -> bool:
+        """Raise ValueError if ``x`` holds NaN/Inf; return False if ``probe`` overflowed on finite x.
+
+        ``probe`` is a reduction the codec computes anyway (sum of |x|, min+max, ...): NaN and Inf
+        propagate into it, so a finite probe proves a finite input without an extra pass. Only a
+        non-finite probe (NaN/Inf in x, or a sum that overflowed on huge finite data) pays for the
+        exact count. One device sync per call is the price of raising on bad input.
+        """
+        if probe is not None and bool(torch.isfinite(probe).all()):
+            return True
+        n_nan = int(torch.isnan(x).sum())
+        n_inf = int(torch.isinf(x).sum())
+        if n_nan or n_inf:
+            parts = []
+            if n_nan:
+                parts.append(f"contains NaN ({n_nan} of {x.numel()} elements)")
+            if n_inf:
+                parts.append(f"contains Inf ({n_inf} of {x.numel()} elements)")
+            raise ValueError(f"codec {self.spec}: input " + " and ".join(parts))
+        return probe is None
+
+    def _check_decode_args(self, payload: torch.Tensor, shape, dtype) -> tuple[int, int]:
+        if not isinstance(payload, torch.Tensor):
+            raise TypeError(f"codec {self.spec}: payload must be a torch.Tensor, got {type(payload).__name__}")
+        if payload.dtype != torch.uint8:
+            raise TypeError(f"codec {self.spec}: payload must be torch.uint8, got {payload.dtype}")
+        if payload.dim() != 1:
+            raise ValueError(f"codec {self.spec}: payload must be 1-D, got shape {tuple(payload.shape)}")
+        if dtype not in FLOAT_DTYPES:
+            raise TypeError(f"codec {self.spec}: output dtype must be a float dtype, got {dtype}")
+        try:
+            n, c = (int(s) for s in shape)
+        except (TypeError, ValueError):
+            raise ValueError(f"codec {self.spec}: shape must be (N, C), got {shape!r}") from None
+        if n <= 0 or c <= 0:
+            raise ValueError(f"codec {self.spec}: shape must be positive, got ({n}, {c})")
+        want = self.encoded_nbytes(n, c)
+        if payload.numel() != want:
+            raise ValueError(
+                f"codec {self.spec}: payload has {payload.numel()} bytes, expected {want} for shape ({n}, {c})"
+            )
+        return n, c

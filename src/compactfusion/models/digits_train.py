@@ -7,22 +7,21 @@ autocast on CPU, EMA, 10 % label dropout to the null class for classifier-free g
 from __future__ import annotations
 
 import argparse
-import copy
-import math
 import time
 
 import torch
 
-from .digits import NULL_CLASS, build_digits_pipeline, image_ids, pack, save_digits_pipeline
+
+from .digits import NULL_CLASS, build_digits_pipeline, image_ids, load_digits_pipeline, pack, save_digits_pipeline
 from .digits_data import load_digits_tensors
 
 
 def train(out: str, steps: int = 600, batch: int = 64, lr: float = 5e-4, seed: int = 0, max_minutes: float = 20.0,
-          threads: int | None = None, log_every: int = 50) -> dict:
+          threads: int | None = None, log_every: int = 50, resume: str | None = None) -> dict:
     if threads:
         torch.set_num_threads(threads)
     torch.manual_seed(seed)
-    pipe = build_digits_pipeline(seed)
+    pipe = load_digits_pipeline(resume) if resume else build_digits_pipeline(seed)
     model, embedder = pipe.transformer.train(), pipe.label_embedder.train()
     params = list(model.parameters()) + list(embedder.parameters())
     opt = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.99), weight_decay=0.0)
@@ -40,7 +39,7 @@ def train(out: str, steps: int = 600, batch: int = 64, lr: float = 5e-4, seed: i
         eps = torch.randn(x0.shape, generator=gen)
         xt = (1 - t[:, None, None]) * x0 + t[:, None, None] * eps
         for g in opt.param_groups:
-            g["lr"] = lr * min(1.0, step / 50)
+            g["lr"] = lr * (1.0 if resume else min(1.0, step / 50))
         with torch.autocast("cpu", dtype=torch.bfloat16):
             text, pooled = embedder(y)
             pred = model(hidden_states=xt, encoder_hidden_states=text, pooled_projections=pooled, timestep=t,
@@ -65,14 +64,19 @@ def train(out: str, steps: int = 600, batch: int = 64, lr: float = 5e-4, seed: i
         for e, p in zip(ema, params):
             p.copy_(e)
     pipe.transformer.eval(), pipe.label_embedder.eval()
-    meta = {"steps": step, "batch": batch, "lr": lr, "seed": seed, "loss_ema": round(loss_ema, 5),
+    meta = {"steps": step, "resumed_from": resume, "batch": batch, "lr": lr, "seed": seed, "loss_ema": round(loss_ema, 5),
             "train_seconds": round(time.time() - start, 1), "torch": torch.__version__}
     save_digits_pipeline(pipe, out, metadata=meta)
     return meta
 
 
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line (the CLI turns ValueError into "error: ..." + exit 2)
+        raise ValueError(message)
+
+
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="compactfusion train-digits", description=__doc__.splitlines()[0])
+    p = _Parser(prog="compactfusion train-digits", description=__doc__.splitlines()[0])
     p.add_argument("--out", required=True, help="folder to write the trained pipeline to")
     p.add_argument("--steps", type=int, default=600)
     p.add_argument("--batch", type=int, default=64)
@@ -80,9 +84,10 @@ def main(argv=None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--max-minutes", type=float, default=20.0)
     p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--resume", default=None, help="continue from a digits-pipeline folder")
     a = p.parse_args(argv)
     for name in ("steps", "batch"):
         if getattr(a, name) <= 0:
-            p.error(f"--{name} must be positive")
-    print(train(a.out, a.steps, a.batch, a.lr, a.seed, a.max_minutes, a.threads))
+            raise ValueError(f"--{name} must be positive")
+    print(train(a.out, a.steps, a.batch, a.lr, a.seed, a.max_minutes, a.threads, resume=a.resume))
     return 0

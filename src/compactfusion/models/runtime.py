@@ -8,12 +8,56 @@ from __future__ import annotations
 
 import hashlib
 import inspect
+import os
 import types
 
 import torch
 
+from ..parallel.errors import ConfigMismatchError
 from .adapters import ModelAdapter
 from .interception import AttentionRouter
+
+#: Test-only hooks, inert unless set (documented in docs/reliability.md). ``COMPACTFUSION_TEST_STEP_FILE``:
+#: each denoising step writes "PID STEP" to this path ("{rank}" in it is replaced by the global rank;
+#: without it only rank 0 writes), so a test can see that a generation is underway and which PID is which
+#: rank. ``COMPACTFUSION_TEST_FAIL_AT="RANK:STEP"``: that rank raises RuntimeError at that step.
+STEP_FILE_ENV = "COMPACTFUSION_TEST_STEP_FILE"
+FAIL_AT_ENV = "COMPACTFUSION_TEST_FAIL_AT"
+
+
+class InjectedFailure(RuntimeError):
+    """Raised by the ``COMPACTFUSION_TEST_FAIL_AT`` test hook."""
+
+
+def _test_hook(rank: int):
+    """The env-gated per-step test hook for this rank, or None (the normal case: zero cost)."""
+    step_file, fail_at = os.environ.get(STEP_FILE_ENV), os.environ.get(FAIL_AT_ENV)
+    if not step_file and not fail_at:
+        return None
+    path = None
+    if step_file and ("{rank}" in step_file or rank == 0):
+        path = step_file.replace("{rank}", str(rank))
+    fail_step = None
+    if fail_at:
+        r, _, s = fail_at.partition(":")
+        if int(r) == rank:
+            fail_step = int(s)
+
+    def hook(step: int) -> None:
+        if path:
+            tmp = f"{path}.tmp{os.getpid()}"
+            with open(tmp, "w") as f:
+                f.write(f"{os.getpid()} {step}\n")
+            os.replace(tmp, path)  # atomic: a reader never sees a half-written marker
+        if step == fail_step:
+            raise InjectedFailure(f"test hook {FAIL_AT_ENV}: injected failure on rank {rank} at step {step}")
+    return hook
+
+
+def _short(v) -> str:
+    """A readable value for mismatch messages (long values are shown as a digest)."""
+    text = repr(v)
+    return text if len(text) <= 48 else "sha256:" + hashlib.sha256(text.encode()).hexdigest()[:12]
 
 
 def _is_attention(module) -> bool:
@@ -32,6 +76,7 @@ class PipelineRuntime:
         self._undo: list = []
         self._signature = inspect.signature(transformer.forward)
         self.num_attention_layers = 0
+        self._hook = _test_hook(getattr(ctx, "rank", 0))
         self._install()
 
     # -- installation --------------------------------------------------------------------------
@@ -110,6 +155,8 @@ class PipelineRuntime:
         def forward(*args, **kwargs):
             bound = runtime._signature.bind(*args, **kwargs)
             runtime.step += 1
+            if runtime._hook is not None:
+                runtime._hook(runtime.step)
             runtime.joint_tokens = runtime.adapter.joint_tokens(bound.arguments)
             if runtime.ctx.cfg_world > 1:
                 runtime._split_cfg(bound.arguments)
@@ -156,27 +203,61 @@ class PipelineRuntime:
         self.ctx.reset()
         self.step = -1
         self.local_tokens = None
-        self.ctx.check_agreement(self.fingerprint(call_args))
+        parts = self.fingerprint_parts(call_args)
+        try:
+            self.ctx.check_agreement(_digest(parts))
+        except ConfigMismatchError as e:  # every rank got the same verdict, so all are here
+            raise self._explain_mismatch(e, parts) from None
 
     def end_generation(self) -> None:
         self.calls += 1
-        self.last_stats = self.ctx.summary()
-        self.last_stats.update(steps=self.step + 1, attention_layers=self.num_attention_layers, generation=self.calls)
+        s = self.ctx.summary()
+        # Flat keys for cf.stats(): the ledger totals, and the residual state still held after the call
+        # (bases of every stream, sender and receiver sides; freed at the start of the next call).
+        for k, v in (s.get("ledger") or {}).items():
+            s.setdefault(k, v)
+        s.setdefault("state_bytes", int(self.ctx.state_nbytes()))
+        s.update(steps=self.step + 1, attention_layers=self.num_attention_layers, generation=self.calls)
+        self.last_stats = s
 
-    def fingerprint(self, call_args: dict) -> str:
-        """Digest of what every rank must agree on: configuration, model, weights sample and call arguments."""
+    def fingerprint_parts(self, call_args: dict) -> dict:
+        """What every rank must agree on, by name: configuration, model, weights sample, call arguments."""
         t = self.transformer
         sample = [round(float(p.detach().reshape(-1)[:16].float().sum()), 4) for p in list(t.parameters())[:64]]
-        args = {}
+        parts = {"parallel configuration": self.config.fingerprint(), "model class": type(t).__name__,
+                 "model config": _short(sorted((k, v) for k, v in dict(t.config).items() if not k.startswith("_"))),
+                 "model weights": _short(sample), "attention layers": self.num_attention_layers}
         for k, v in sorted(call_args.items()):
             if isinstance(v, (int, float, str, bool, type(None))) or (isinstance(v, (list, tuple)) and all(isinstance(x, (int, float, str)) for x in v)):
-                args[k] = v
+                parts[k] = _short(v)
             elif isinstance(v, torch.Generator):
-                args[k] = ("generator", v.initial_seed())
+                parts[k] = f"seed {v.initial_seed()}"
             elif isinstance(v, torch.Tensor):
-                args[k] = ("tensor", tuple(v.shape), str(v.dtype))
-        items = [self.config.fingerprint(), type(t).__name__, dict(t.config), sample, args, self.num_attention_layers]
-        return hashlib.sha256(repr(items).encode()).hexdigest()[:16]
+                parts[k] = f"tensor {tuple(v.shape)} {str(v.dtype).removeprefix('torch.')}"
+        return parts
+
+    def fingerprint(self, call_args: dict) -> str:
+        """Digest of :meth:`fingerprint_parts` (exchanged by ``check_agreement`` at each call)."""
+        return _digest(self.fingerprint_parts(call_args))
+
+    def _explain_mismatch(self, err: Exception, parts: dict) -> Exception:
+        """Second exchange after a mismatch: name the fields that differ and each rank's value."""
+        try:
+            tables = self.ctx.world_comm.all_gather_object(parts)
+        except Exception:  # noqa: BLE001 - keep the original error if the explanation cannot be fetched
+            return err
+        names = sorted({n for t in tables for n in t}, key=lambda n: (n not in parts, n))
+        diffs = [n for n in names if len({repr(t.get(n)) for t in tables}) > 1]
+        if not diffs:
+            return err
+        what = "; ".join(f"{n} (" + ", ".join(f"rank {r}: {t.get(n)}" for r, t in enumerate(tables)) + ")"
+                         for n in diffs)
+        return ConfigMismatchError(f"ranks disagree on {what}; every rank must load the same model and call the pipeline "
+                         f"with the same arguments", getattr(err, "ranks", None))
+
+
+def _digest(parts: dict) -> str:
+    return hashlib.sha256(repr(sorted(parts.items())).encode()).hexdigest()[:16]
 
 
 def install_pipeline_class(pipe, runtime: PipelineRuntime) -> None:

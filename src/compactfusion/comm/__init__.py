@@ -1,0 +1,19 @@
+"""Communication layer: every byte between ranks goes through a :class:`Communicator`.
+
+* :class:`LinkModel` - alpha-beta link model (``cost(b) = latency + b / bandwidth``) with modes
+  ``off`` / ``sleep`` / ``virtual``.
+* :class:`ByteLedger` - bytes sent vs. uncompressed bytes per (layer, step, tensor, peer).
+* :class:`Communicator` - timeouts on every op (:class:`CommTimeoutError`), backend failures as
+  :class:`CommError`, ledger + link accounting; :func:`make_mesh_groups` for cfg x ulysses x ring.
+"""
+from .errors import CommError, CommTimeoutError
+from .group import (CommHandle, Communicator, MeshGroup, make_mesh_communicators, make_mesh_groups,
+                    mesh_partition)
+from .ledger import ByteLedger
+from .link import LinkModel, format_bandwidth, format_latency, parse_bandwidth, parse_latency
+
+__all__ = [
+    "ByteLedger", "CommError", "CommHandle", "CommTimeoutError", "Communicator", "LinkModel", "MeshGroup",
+    "format_bandwidth", "format_latency", "make_mesh_communicators", "make_mesh_groups", "mesh_partition",
+    "parse_bandwidth", "parse_latency",
+]

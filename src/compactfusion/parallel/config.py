@@ -1,0 +1,188 @@
+"""``ParallelConfig``: which attention strategy runs, over which mesh, with which compression.
+
+Validation that needs no process group happens at construction; the checks against the world size
+happen in :meth:`ParallelConfig.resolve`, which ``ParallelContext`` calls after ``init_process_group``.
+"""
+from __future__ import annotations
+
+import hashlib
+import math
+from dataclasses import dataclass
+from types import MappingProxyType
+from typing import Union
+
+from ..comm.link import LinkModel
+from ..residual import CompressionConfig
+
+__all__ = ["ParallelConfig", "Mesh", "STRATEGIES", "DEFAULT_TENSORS"]
+
+STRATEGIES = ("none", "patch", "distrifusion", "ring", "ulysses", "usp")
+
+#: Tensors a strategy compresses when ``CompressionConfig.tensors`` is None. K/V travel in every
+#: strategy; Ulysses also moves Q and the output O through its all-to-alls.
+DEFAULT_TENSORS = MappingProxyType({"none": ("k", "v"), "patch": ("k", "v"), "distrifusion": ("k", "v"),
+                                    "ring": ("k", "v"), "ulysses": ("q", "k", "v", "o"), "usp": ("q", "k", "v", "o")})
+
+
+def _degree(x, what: str):
+    if x is None:
+        return None
+    if isinstance(x, bool) or not isinstance(x, int) or x < 1:
+        raise ValueError(f"{what} must be a positive integer or None, got {x!r}")
+    return x
+
+
+@dataclass(frozen=True)
+class Mesh:
+    """Resolved mesh ``cfg x ulysses x ring`` (row-major, ring innermost); product = world size."""
+
+    cfg: int
+    ulysses: int
+    ring: int
+
+    @property
+    def sp(self) -> int:
+        return self.ulysses * self.ring
+
+    @property
+    def world(self) -> int:
+        return self.cfg * self.sp
+
+    def coords(self, rank: int) -> tuple[int, int, int]:
+        """(cfg index, ulysses index, ring index) of a rank of the parallel group."""
+        c, rest = divmod(rank, self.sp)
+        u, r = divmod(rest, self.ring)
+        return c, u, r
+
+    def rank_of(self, c: int, u: int, r: int) -> int:
+        return (c * self.ulysses + u) * self.ring + r
+
+
+@dataclass(frozen=True)
+class ParallelConfig:
+    """How attention is parallelised across the ranks of one process group.
+
+    strategy: "none" (one device per sequence), "patch" (synchronous K/V all-gather), "distrifusion"
+        (K/V all-gather one step stale, overlapped with compute), "ring" (p2p ring attention), "ulysses"
+        (all-to-all sequence <-> heads) or "usp" (Ulysses inside, ring outside).
+    compression: a ``CompressionConfig`` (or a codec spec string such as "binary"); None = uncompressed.
+    link: the modelled link (``LinkModel``); None = no modelling (bytes are still counted).
+    ulysses_degree, ring_degree: mesh sizes for "usp" (product = sequence-parallel world); for "ulysses"
+        the SP world is the Ulysses degree, for "ring"/"patch"/"distrifusion" it is the ring. None = derived.
+    cfg_parallel: split the world in two halves (conditional / unconditional batch); needs an even world.
+    timeout_s: every collective and p2p op waits at most this long, then raises ``CommTimeoutError``.
+    stale_warmup_steps: "distrifusion" runs synchronously (exactly) for the first steps.
+    check_consistency_every: K > 0 checks every stream's state across ranks at the first attention call
+        of each step t with t % K == 0 (i.e. the state after step t-1); 0 disables.
+    """
+
+    strategy: str = "ring"
+    compression: Union[CompressionConfig, str, None] = None
+    link: Union[LinkModel, None] = None
+    ulysses_degree: Union[int, None] = None
+    ring_degree: Union[int, None] = None
+    cfg_parallel: bool = False
+    timeout_s: float = 60.0
+    stale_warmup_steps: int = 1
+    check_consistency_every: int = 0
+
+    def __post_init__(self):
+        if self.strategy not in STRATEGIES:
+            raise ValueError(f"unknown strategy {self.strategy!r}; choose one of {', '.join(STRATEGIES)}")
+        comp = self.compression
+        if isinstance(comp, str):
+            comp = CompressionConfig(codec=comp)
+            object.__setattr__(self, "compression", comp)
+        if comp is not None and not isinstance(comp, CompressionConfig):
+            raise TypeError(f"compression must be a CompressionConfig, a codec spec string or None, got "
+                            f"{type(comp).__name__}")
+        if self.link is not None and not isinstance(self.link, LinkModel):
+            raise TypeError(f"link must be a LinkModel (e.g. LinkModel(bandwidth='100MB/s', latency='50us')) or "
+                            f"None, got {type(self.link).__name__}")
+        _degree(self.ulysses_degree, "ulysses_degree")
+        _degree(self.ring_degree, "ring_degree")
+        if not isinstance(self.cfg_parallel, bool):
+            raise TypeError(f"cfg_parallel must be True or False, got {self.cfg_parallel!r}")
+        t = self.timeout_s
+        if isinstance(t, bool) or not isinstance(t, (int, float)) or not (t > 0 and math.isfinite(t)):
+            raise ValueError(f"timeout_s must be a positive finite number of seconds, got {t!r}")
+        for name in ("stale_warmup_steps", "check_consistency_every"):
+            x = getattr(self, name)
+            if isinstance(x, bool) or not isinstance(x, int) or x < 0:
+                raise ValueError(f"{name} must be an integer >= 0, got {x!r}")
+        if self.strategy in ("ring", "patch", "distrifusion") and self.ulysses_degree not in (None, 1):
+            raise ValueError(f"strategy {self.strategy!r} uses no Ulysses group; set ulysses_degree=None (or use "
+                             f"strategy='usp' to combine Ulysses and ring)")
+        if self.strategy == "ulysses" and self.ring_degree not in (None, 1):
+            raise ValueError("strategy 'ulysses' uses no ring; set ring_degree=None (or use strategy='usp')")
+        if self.strategy == "none" and (self.ulysses_degree not in (None, 1) or self.ring_degree not in (None, 1)):
+            raise ValueError("strategy 'none' runs attention locally; leave ulysses_degree and ring_degree as None")
+
+    # -- derived --------------------------------------------------------------------------------
+    @property
+    def compressing(self) -> bool:
+        return self.compression is not None and self.compression.compresses
+
+    def tensors(self) -> tuple:
+        """Attention tensors whose streams are residual-coded (empty when uncompressed)."""
+        if not self.compressing:
+            return ()
+        return self.compression.tensors or DEFAULT_TENSORS[self.strategy]
+
+    def resolve(self, world: int) -> Mesh:
+        """Check the degrees against ``world`` (ranks of the parallel group) and return the mesh."""
+        if isinstance(world, bool) or not isinstance(world, int) or world < 1:
+            raise ValueError(f"world size must be a positive integer, got {world!r}")
+        cfg = 2 if self.cfg_parallel else 1
+        if world % cfg:
+            raise ValueError(f"cfg_parallel=True needs an even number of ranks (one half per CFG branch), got "
+                             f"world size {world}")
+        sp = world // cfg
+        u, r = self.ulysses_degree, self.ring_degree
+        where = f"world size {world}" + (" / 2 CFG halves" if cfg == 2 else "")
+        if self.strategy == "none":
+            if sp != 1:
+                raise ValueError(f"strategy 'none' needs a sequence-parallel world of 1, got {sp} ({where}); "
+                                 f"pick a parallel strategy such as 'ring' or run {cfg} process(es)")
+            return Mesh(cfg, 1, 1)
+        if self.strategy in ("ring", "patch", "distrifusion"):
+            if r not in (None, sp):
+                raise ValueError(f"strategy {self.strategy!r} uses the whole sequence-parallel world ({sp}, {where}) "
+                                 f"as its ring, but ring_degree={r}; set ring_degree=None or {sp}")
+            return Mesh(cfg, 1, sp)
+        if self.strategy == "ulysses":
+            if u not in (None, sp):
+                raise ValueError(f"strategy 'ulysses' uses the whole sequence-parallel world ({sp}, {where}), but "
+                                 f"ulysses_degree={u}; set ulysses_degree=None or {sp}")
+            return Mesh(cfg, sp, 1)
+        # usp
+        if u is None and r is None:
+            raise ValueError(f"strategy 'usp' needs ulysses_degree and/or ring_degree (product = {sp}, {where})")
+        if u is None:
+            if sp % r:
+                raise ValueError(f"usp: ring_degree={r} does not divide the sequence-parallel world {sp} ({where})")
+            u = sp // r
+        if r is None:
+            if sp % u:
+                raise ValueError(f"usp: ulysses_degree={u} does not divide the sequence-parallel world {sp} ({where})")
+            r = sp // u
+        if u * r != sp:
+            raise ValueError(f"usp: ulysses_degree * ring_degree = {u} * {r} = {u * r} must equal the "
+                             f"sequence-parallel world {sp} ({where})")
+        return Mesh(cfg, u, r)
+
+    def to_dict(self) -> dict:
+        return {"strategy": self.strategy,
+                "compression": None if self.compression is None else self.compression.to_dict(),
+                "link": None if self.link is None else self.link.to_dict(),
+                "ulysses_degree": self.ulysses_degree, "ring_degree": self.ring_degree,
+                "cfg_parallel": self.cfg_parallel, "timeout_s": self.timeout_s,
+                "stale_warmup_steps": self.stale_warmup_steps,
+                "check_consistency_every": self.check_consistency_every}
+
+    def fingerprint(self) -> str:
+        """Digest of everything ranks must agree on (the compression plan is sampled by its own fingerprint)."""
+        d = self.to_dict()
+        d["compression"] = None if self.compression is None else self.compression.fingerprint()
+        d.pop("timeout_s")  # a per-rank timeout may legitimately differ
+        return hashlib.sha256(repr(sorted(d.items())).encode()).hexdigest()[:16]
