@@ -253,6 +253,18 @@ def test_tiny_and_huge_magnitudes_keep_their_relative_error(spec, scale):
     assert es <= e1 * 1.05 + 2e-3, (e1, es)
 
 
+@pytest.mark.parametrize("spec", ("int8", "int4"))
+@pytest.mark.parametrize("offset,spread", ((1000.0, 1e-3), (-5e4, 1e-2), (1e6, 1.0)))
+def test_affine_offset_dominated_channels(spec, offset, spread):
+    """A large common offset costs precision (min is coded to 2**-10 relative) but stays bounded."""
+    x = offset + spread * gaussian(64, 32, seed=12)
+    codec = get_codec(spec)
+    y = codec.decode(codec.encode(x), x.shape)
+    levels = 255 if spec == "int8" else 15
+    step = (x.max(0).values - x.min(0).values + 2 * abs(offset) * 2**-10) / levels
+    assert ((y - x).abs() <= step * 0.5 + abs(offset) * 2**-20).all()
+
+
 def test_fp16_cast_saturates_instead_of_inf():
     x = torch.tensor([[1e5, -1e6, 3.0]])
     for spec in ("fp16", "int8", "binary"):

@@ -38,6 +38,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--reps", type=int, default=None, help="timed repetitions per codec (default 5, quick 2)")
     p.add_argument("--steps", type=int, default=None, help="residual steps for warm vs cold (default 8, quick 4)")
     p.add_argument("--device", default="cpu", help="torch device (default cpu)")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--seed", type=int, default=0)
     return p
 
@@ -223,6 +224,10 @@ def run(argv=None) -> list[dict]:
     steps = a.steps if a.steps is not None else (4 if a.quick else 8)
     if reps < 1 or steps < 2:
         raise ValueError("--reps must be >= 1 and --steps >= 2")
+    if a.threads is not None:
+        if a.threads < 1:
+            raise ValueError("--threads must be >= 1")
+        torch.set_num_threads(a.threads)
     device = torch.device(a.device)
     shapes = QUICK_SHAPES if a.quick else SHAPES
     env = environment_record()

@@ -405,16 +405,42 @@ def markdown(rows: list[dict], pub: list[dict], checks: list[dict], links, world
     lines += [md_table(["model", "attn layers", "heads x dim", "image tokens", "text tokens", "batch", "steps",
                         "warmup"], shapes), ""]
     w0 = 4 if 4 in worlds else worlds[-1]
+    lines += ["Patch, DistriFusion and ring move the same bytes (each rank's K/V reaches W-1 peers), so they share "
+              "one column; DistriFusion only hides them behind compute.", ""]
     for mk in dict.fromkeys(r["model"] for r in rows):
-        sel = [r for r in rows if r["model"] == mk and r["world_size"] == w0]
+        sel = {(r["strategy"], r["codec"]): r for r in rows if r["model"] == mk and r["world_size"] == w0}
         if not sel:
             continue
-        lines += [f"### {sel[0]['model_name']}, W={w0}", ""]
-        body = [[r["strategy"], r["codec"], r["text_mode"], _gb(r["bytes_per_step"]), _gb(r["bytes_per_image"]),
-                 f"{r['compression_ratio_after_warmup']:.2f}x", f"{r['compression_ratio']:.2f}x",
-                 f"{r['image_bytes_vs_ring']:.2f}x"] for r in sel]
-        lines += [md_table(["strategy", "codec", "text", "bytes/step (after warmup)", "bytes/image", "ratio after warmup",
-                            "ratio per image", "fewer bytes than ring"], body), ""]
+        name = next(iter(sel.values()))["model_name"]
+        body = []
+        for codec in dict.fromkeys(c for _, c in sel):
+            ring, uly = sel.get(("ring", codec)), sel.get(("ulysses", codec))
+            cells = [codec]
+            cells += ([_gb(ring["bytes_per_step"]), _gb(ring["bytes_per_image"]), f"{ring['compression_ratio_after_warmup']:.2f}x",
+                       f"{ring['compression_ratio']:.2f}x"] if ring else ["-"] * 4)
+            cells += [_gb(uly["bytes_per_image"]), f"{uly['compression_ratio']:.2f}x"] if uly else ["-", "-"]
+            body.append(cells)
+        for peer in ("diffusers-ring", "diffusers-ulysses"):
+            r = sel.get((peer, "none"))
+            if r:
+                body.append([f"{peer} (text {r['text_mode']})", _gb(r["bytes_per_step"]), _gb(r["bytes_per_image"]), "1.00x", "1.00x", "-", "-"])
+        lines += [f"### {name}, W={w0} (bytes per rank)", "",
+                  md_table(["codec", "ring/patch/DF per step (after warmup)", "ring/patch/DF per image",
+                            "ratio after warmup", "ratio per image (warmup counted)", "ulysses per image", "ulysses ratio"],
+                           body), ""]
+    ws = sorted({r["world_size"] for r in rows})
+    body = []
+    for mk in dict.fromkeys(r["model"] for r in rows):
+        for codec in ("none", "binary", "int2", "lowrank-int4:32"):
+            cells = [mk, codec]
+            for w in ws:
+                r = next((x for x in rows if (x["model"], x["strategy"], x["codec"], x["world_size"]) == (mk, "ring", codec, w)), None)
+                cells.append("-" if r is None else f"{_gb(r['bytes_per_image'])} ({r['compression_ratio']:.1f}x)")
+            if len(cells) > 2 and any(c != "-" for c in cells[2:]):
+                body.append(cells)
+    if len(ws) > 1:
+        lines += ["### Ring bytes per image per rank across world sizes (ratio vs uncompressed, warmup counted)", "",
+                  md_table(["model", "codec"] + [f"W={w}" for w in ws], body), ""]
     flux = [r for r in rows if r["model"] == "flux-dev-1024" and r["world_size"] == w0]
     if flux:
         lines += [f"### Predicted seconds per image, FLUX.1-dev 1024x1024 (512 text tokens), W={w0}", "",

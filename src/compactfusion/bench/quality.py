@@ -182,6 +182,11 @@ def _batches(seeds, batch):
     return [seeds[i:i + batch] for i in range(0, len(seeds), batch)]
 
 
+def call_size(m: dict, batch: int) -> int:
+    """Images per pipeline call for a method: whole-matrix codecs (low rank) always see one image's matrix."""
+    return 1 if m.get("codec", "none").startswith("lowrank") else batch
+
+
 def quality_worker(rank, world, plan):
     """Runs in every rank: references (split over ranks), then every method on every seed batch."""
     import torch.distributed as dist
@@ -191,29 +196,32 @@ def quality_worker(rank, world, plan):
 
     pipe = load_digits_pipeline(plan.get("model"))
     pipe.set_progress_bar_config(disable=True)
-    steps, batch = plan["steps"], plan["batch"]
-    batches = _batches(plan["seeds"], batch)
-    # single-device references, batches round-robin over the ranks
+    steps, seeds = plan["steps"], plan["seeds"]
+    sizes = sorted({call_size(m, plan["batch"]) for m in plan["methods"]} | {plan["batch"]})
+    # single-device references for every call size, calls round-robin over the ranks
+    jobs = [(size, i, b) for size in sizes for i, b in enumerate(_batches(seeds, size))]
     t0 = time.perf_counter()
-    mine = {i: _call(pipe, b, steps, batch > 1) for i, b in enumerate(batches) if i % world == rank}
+    mine = {(size, i): _call(pipe, b, steps, size > 1) for j, (size, i, b) in enumerate(jobs) if j % world == rank}
     ref_wall = time.perf_counter() - t0
     parts = [None] * world
-    dist.all_gather_object(parts, (mine, ref_wall, sum(len(batches[i]) for i in mine)))
-    refs = {}
+    dist.all_gather_object(parts, (mine, ref_wall, sum(len(b) for j, (_, _, b) in enumerate(jobs) if j % world == rank)))
+    got = {}
     for p in parts:
-        refs.update(p[0])
-    ref_images = np.concatenate([refs[i] for i in range(len(batches))])
+        got.update(p[0])
+    refs = {size: np.concatenate([got[(size, i)] for i in range(len(_batches(seeds, size)))]) for size in sizes}
     ref_s_per_image = max(p[1] / max(1, p[2]) for p in parts)
     results = []
     for m in plan["methods"]:
+        size = call_size(m, plan["batch"])
         cfg = parallel_config(m, plan.get("link"), plan["warmup"])
         cf.parallelize(pipe, cfg)
+        pipe.set_progress_bar_config(disable=True)
         imgs, totals, wall = [], {}, 0.0
         try:
-            for b in batches:
+            for b in _batches(seeds, size):
                 dist.barrier()
                 t0 = time.perf_counter()
-                imgs.append(_call(pipe, b, steps, batch > 1))
+                imgs.append(_call(pipe, b, steps, size > 1))
                 wall += time.perf_counter() - t0
                 led = ledger_of(cf.stats(pipe))
                 for k in ("bytes_sent", "bytes_uncompressed", "bytes_sent_after_warmup", "bytes_uncompressed_after_warmup",
@@ -225,18 +233,18 @@ def quality_worker(rank, world, plan):
         dist.all_gather_object(allt, (totals, wall))
         if rank == 0:
             results.append({"method": m, "images": np.concatenate(imgs), "per_rank": [t for t, _ in allt],
-                            "wall_s": max(w for _, w in allt)})
+                            "wall_s": max(w for _, w in allt), "call_size": size})
     if plan.get("peers"):
         from .peers import peer_runs
 
         def run_one(cp_pipe, mode, meter):
             meter.link = None  # count bytes only
             imgs, totals, wall = [], {}, 0.0
-            for b in batches:
+            for b in _batches(seeds, plan["batch"]):
                 meter.reset()
                 dist.barrier()
                 t0 = time.perf_counter()
-                imgs.append(_call(cp_pipe, b, steps, batch > 1))
+                imgs.append(_call(cp_pipe, b, steps, plan["batch"] > 1))
                 wall += time.perf_counter() - t0
                 for k, v in meter.summary().items():
                     if not isinstance(v, dict):
@@ -249,10 +257,11 @@ def quality_worker(rank, world, plan):
             if rank == 0 and "skipped" not in pr:
                 m = dict(name=f"diffusers-{pr['mode']}", strategy=f"diffusers-{pr['mode']}", codec="none",
                          residual_order=None, error_feedback=None, family="peer (exact)")
-                results.append({"method": m, "images": pr["images"], "per_rank": pr["per_rank"], "wall_s": pr["wall_s"]})
+                results.append({"method": m, "images": pr["images"], "per_rank": pr["per_rank"], "wall_s": pr["wall_s"],
+                                "call_size": plan["batch"]})
             elif rank == 0:
                 print(f"bench quality: diffusers {pr['mode']} skipped: {pr['skipped']}", file=sys.stderr)
-    return {"references": ref_images, "reference_s_per_image": ref_s_per_image, "results": results} if rank == 0 else None
+    return {"references": refs, "reference_s_per_image": ref_s_per_image, "results": results} if rank == 0 else None
 
 
 # -- metrics ---------------------------------------------------------------------------------------------
@@ -464,13 +473,15 @@ def run(a) -> tuple[list[dict], str, list[str], dict]:
     t1 = time.perf_counter()
     clf, net = train_digit_classifier(), digits_feature_net()
     fid = DigitsFID(net)
-    refs = res["references"]
+    refs = res["references"]  # call size -> single-device images (the noise depends on how seeds are batched)
     labels = [s % 10 for s in seeds]
-    ref_row = {"method": "single-device", "strategy": "none", "codec": "none", "error_feedback": None,
-               "residual_order": None, "family": "reference", "world_size": 1, **image_metrics(refs, refs, labels, clf, fid),
-               "bytes_per_image": 0.0, "bytes_per_image_after_warmup": 0.0, "compression_ratio": 1.0,
-               "compression_ratio_after_warmup": 1.0, "wall_s_per_image": res["reference_s_per_image"]}
-    rows = [ref_row]
+    rows = []
+    for size in sorted(refs, reverse=True):
+        rows.append({"method": "single-device" + ("" if size == a.batch else f" ({size}/call)"), "strategy": "none",
+                     "codec": "none", "error_feedback": None, "residual_order": None, "family": "reference",
+                     "world_size": 1, **image_metrics(refs[size], refs[size], labels, clf, fid), "bytes_per_image": 0.0,
+                     "bytes_per_image_after_warmup": 0.0, "compression_ratio": 1.0, "compression_ratio_after_warmup": 1.0,
+                     "wall_s_per_image": res["reference_s_per_image"], "call_size": size, "_images": refs[size]})
     n = len(seeds)
     for r in res["results"]:
         m, pr = r["method"], r["per_rank"]
@@ -480,13 +491,13 @@ def run(a) -> tuple[list[dict], str, list[str], dict]:
         unc_aw = sum(x["bytes_uncompressed_after_warmup"] for x in pr)
         rows.append({"method": m["name"], "strategy": m["strategy"], "codec": m["codec"],
                      "error_feedback": m["error_feedback"], "residual_order": m["residual_order"], "family": m["family"],
-                     "world_size": a.world, **image_metrics(refs, r["images"], labels, clf, fid),
+                     "world_size": a.world, **image_metrics(refs[r["call_size"]], r["images"], labels, clf, fid),
                      "bytes_per_image": sent / a.world / n, "bytes_per_image_after_warmup": sent_aw / a.world / n,
                      "compression_ratio": unc / sent if sent else 1.0,
                      "compression_ratio_after_warmup": unc_aw / sent_aw if sent_aw else 1.0,
-                     "wall_s_per_image": r["wall_s"] / n, "_images": r["images"]})
+                     "wall_s_per_image": r["wall_s"] / n, "call_size": r["call_size"], "_images": r["images"]})
     for row in rows:
-        row.update(seeds=n, steps=a.steps, warmup_steps=a.warmup_steps, batch=a.batch)
+        row.update(seeds=n, steps=a.steps, warmup_steps=a.warmup_steps)
     # per-step error on real K activations (single device, in this process)
     pipe = load_digits_pipeline(a.model)
     pipe.set_progress_bar_config(disable=True)
@@ -496,12 +507,17 @@ def run(a) -> tuple[list[dict], str, list[str], dict]:
     timing = {"generation_s": gen_s, "metrics_s": metric_s, "digits_cnn_train_accuracy": net.train_accuracy}
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
-    files = plot_all(rows, refs, curves, out, a.grid_seeds)
+    files = plot_all(rows, curves, out, a.grid_seeds)
     md = markdown(rows, curves, timing, a, files)
     return rows, md, files, {"curves": curves, "timing": timing}
 
 
-def plot_all(rows, refs, curves, out: Path, grid_seeds: int) -> list[str]:
+GRID = ("single-device", "patch", "ring", "distrifusion", "diffusers-ring", "ring+binary", "ring+int2", "ring+int4",
+        "ring+binary/noef", "ring+binary/naive", "ring+int2/naive", "distrifusion+binary",
+        "single-device (1/call)", "ring+lowrank-int4:32", "ring+lowrank:8", "ring+lowrank-int4:32/naive")
+
+
+def plot_all(rows, curves, out: Path, grid_seeds: int) -> list[str]:
     from . import plots as P
     files = []
     pts = [dict(r, label=r["method"]) for r in rows if r["bytes_per_image"] > 0]
@@ -515,17 +531,11 @@ def plot_all(rows, refs, curves, out: Path, grid_seeds: int) -> list[str]:
     files.append(P.lines(out / "quality_error_steps.png", series, "denoising step",
                          "relative error ||x - x^|| / ||x|| at the receiver",
                          "Reconstruction error of real K activations per step", logy=True))
-    show = ["single-device", "patch", "ring", "distrifusion", "ring+binary", "ring+int2", "ring+lowrank-int4:32",
-            "ring+binary/noef", "ring+binary/naive", "distrifusion+binary"]
-    grid = []
-    for name in show:
-        r = next((x for x in rows if x["method"] == name), None)
-        if r is not None:
-            imgs = refs if name == "single-device" else r["_images"]
-            grid.append((name, list(imgs[:grid_seeds])))
+    by = {r["method"]: r for r in rows}
+    grid = [(name, list(by[name]["_images"][:grid_seeds])) for name in GRID if name in by]
     if grid:
         files.append(P.image_grid(out / "quality_grid.png", grid, [f"seed {i}" for i in range(grid_seeds)],
-                                  "Same seeds, every method"))
+                                  "Same seeds, every method (rows below a single-device row share its noise)"))
     return files
 
 
@@ -560,8 +570,10 @@ def markdown(rows, curves, timing, a, files) -> str:
     from .plots import fmt_bytes, md_table
     lines = ["## Quality vs bytes on the bundled digits model (`bench quality`)", "",
              f"{a.seeds} seeds (digit = seed % 10), {a.steps} steps, CFG 2.5, W={a.world} gloo ranks on CPU, fp32, "
-             f"compression warmup {a.warmup_steps} step(s), {'one image' if a.batch == 1 else f'{a.batch} images'} per "
-             "pipeline call. Fidelity is against the single-device image of the same seed (PSNR capped at 100 dB per "
+             f"compression warmup {a.warmup_steps} step(s). Seeds are batched {a.batch} per pipeline call (the codecs then "
+             "see the batch as one matrix: per-channel scales span the batch), except the low-rank codecs, whose rank "
+             "would be shared by the whole batch: they run one image per call, against single-device references "
+             "drawn the same way (the noise depends on the batching). Fidelity is against the single-device image of the same seed (PSNR capped at 100 dB per "
              "image: float-rounding differences and identical images both show 100). Bytes: sent per image per "
              "rank (ledger), fp32 wire for uncompressed tensors. FID: digits-FID (own CNN features, generated vs the "
              "1797 real digits; biased at small n, compare rows only).", ""]
@@ -571,9 +583,9 @@ def markdown(rows, curves, timing, a, files) -> str:
                      "-" if r["residual_order"] is None else r["residual_order"], f"{r['psnr']:.2f}", f"{r['ssim']:.4f}",
                      f"{r['ms_ssim']:.4f}", f"{r['accuracy']:.3f}", f"{r['fid']:.2f}", fmt_bytes(r["bytes_per_image"]),
                      fmt_bytes(r["bytes_per_image_after_warmup"]), f"{r['compression_ratio']:.2f}x",
-                     f"{r['compression_ratio_after_warmup']:.2f}x", f"{r['wall_s_per_image']:.2f}"])
+                     f"{r['compression_ratio_after_warmup']:.2f}x", r["call_size"], f"{r['wall_s_per_image']:.2f}"])
     lines += [md_table(["method", "codec", "EF", "order", "PSNR dB", "SSIM", "MS-SSIM", "digit acc.", "digits-FID",
-                        "bytes/image/rank", "after warmup", "ratio", "ratio after warmup", "s/image"], body), ""]
+                        "bytes/image/rank", "after warmup", "ratio", "ratio after warmup", "images/call", "s/image"], body), ""]
     cl = claims(rows)
     if cl:
         lines += ["### Expected orderings", "",

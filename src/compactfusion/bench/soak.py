@@ -142,7 +142,9 @@ def _soak_rank(a) -> int:
     from ..parallel import ParallelConfig
     from ..residual import CompressionConfig
 
+    from ..cli.worker import configure_threads
     rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+    configure_threads(torch.device("cpu"))
     dist.init_process_group("gloo", timeout=timedelta(seconds=a.timeout))
     try:
         pipe = load_pipeline(a.model, torch.float32, torch.device("cpu"))

@@ -277,6 +277,26 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def quiet_libraries() -> None:
+    """Silence library chatter in launched workers (deprecation warnings, "Loading pipeline components"
+    bars, optional-dependency notices), so a failure ends in the launcher's one line. COMPACTFUSION_DEBUG=1
+    keeps everything."""
+    if os.environ.get("COMPACTFUSION_DEBUG"):
+        return
+    import warnings
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", category=DeprecationWarning)
+    warnings.filterwarnings("ignore", message=".*zero-element tensors.*")
+    for mod in ("diffusers", "transformers"):
+        try:
+            logging_mod = __import__(f"{mod}.utils.logging", fromlist=["set_verbosity_error"])
+        except ImportError:
+            continue
+        logging_mod.set_verbosity_error()
+        if hasattr(logging_mod, "disable_progress_bar"):
+            logging_mod.disable_progress_bar()
+
+
 def worker(args: dict, errdir: str | None, body=None) -> int:
     """One rank running ``body(namespace)`` (default: ``run_worker``), with the failure protocol:
 
@@ -290,6 +310,8 @@ def worker(args: dict, errdir: str | None, body=None) -> int:
     if body is None:
         from .worker import run_worker as body
     rank = os.environ.get("RANK", "0")
+    if errdir:
+        quiet_libraries()
 
     def note(suffix: str, text: str) -> None:
         if errdir:

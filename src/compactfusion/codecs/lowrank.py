@@ -141,7 +141,7 @@ class LowRankInt4Codec(_LowRankBase):
         candidates are evaluated at once on the small factor matrices.
         """
         r, length = m.shape
-        mn, mx = torch.aminmax(m, dim=1)
+        mn, mx = m.amin(1), m.amax(1)
         mu = m.mean(1)
         rho = torch.tensor(CLIP_RATIOS, device=m.device, dtype=torch.float32)[:, None]  # (K, 1)
         s16, m16, s32, m32 = affine_params(mu + rho * (mn - mu), mu + rho * (mx - mu), 4)  # (K, r)

@@ -72,3 +72,16 @@ def finish(out32: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     if dtype == torch.float16:
         torch.nan_to_num_(out, posinf=FP16_MAX, neginf=-FP16_MAX)
     return out
+
+
+#: Rows are processed in blocks of about this many elements on CPU (8 MiB of fp32): temporaries
+#: stay in the last-level cache and are recycled by the allocator instead of page-faulting a fresh
+#: full-size tensor per pass. Accelerators take the whole tensor in one block (fewer launches).
+CPU_BLOCK_ELEMS = 1 << 21
+
+
+def row_blocks(n: int, c: int, device) -> list[slice]:
+    if torch.device(device).type != "cpu":
+        return [slice(0, n)]
+    rows = max(1, CPU_BLOCK_ELEMS // max(c, 1))
+    return [slice(r, min(n, r + rows)) for r in range(0, n, rows)]

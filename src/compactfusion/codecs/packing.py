@@ -53,10 +53,10 @@ def pack_fields(fields: torch.Tensor, bits: int) -> torch.Tensor:
     flat = f.reshape(-1)
     if bits == 1:
         v = flat.view(torch.int64)  # 8 one-bit fields, one per byte, at bit 8i
-        packed = (v * 0x0102040810204080) >> 56  # bit 8i -> bit 56+i; wraps mod 2**64
+        packed = (v * 0x0102040810204080).bitwise_right_shift_(56)  # bit 8i -> 56+i; wraps mod 2**64
     elif bits == 2:
         v = flat.view(torch.int32)  # 4 two-bit fields at bit 8i
-        packed = (v * 0x01041040) >> 24  # field at 8i -> bit 24+2i; wraps mod 2**32
+        packed = (v * 0x01041040).bitwise_right_shift_(24)  # field at 8i -> bit 24+2i; wraps mod 2**32
     else:
         v = flat.view(torch.int16)  # 2 nibbles at bits 0 and 8; no overflow possible
         packed = v | (v >> 4)

@@ -10,8 +10,9 @@ from __future__ import annotations
 import torch
 
 from .base import Codec, CodecState
-from .numeric import SQ16_MAX, balance_gain, finish, safe_div, to_fp16
+from .numeric import SQ16_MAX, balance_gain, finish, row_blocks, safe_div, to_fp16
 from .packing import (
+    bytes_as,
     concat_bytes,
     field_buffer,
     field_lut,
@@ -19,7 +20,6 @@ from .packing import (
     pack_fields,
     packed_len,
     split_bytes,
-    bytes_as,
 )
 
 #: int2 reconstruction levels in units of the scale for magnitude bit 0 (|x| <= s) and 1 (|x| > s).
@@ -31,23 +31,57 @@ INT2_LEVEL_LO = 0.46875
 INT2_LEVEL_HI = 1.875
 
 
-def sign_scales(codec: Codec, x: torch.Tensor, xf: torch.Tensor):
-    """Balanced fp16 scale factors (a: N, b: C) and |x| (fp32, kept for the int2 threshold)."""
+def _abs_sums(xf: torch.Tensor, blocks: list[slice], bits: torch.Tensor | None, clamp: float | None = None):
+    """Row and column sums of |x| block by block; optionally writes the sign bits (x >= 0)."""
     n, c = xf.shape
-    ab = xf.abs()
-    tok = ab.sum(1).div_(c)
-    chan = ab.sum(0).div_(n)
+    tok = torch.empty(n, dtype=torch.float32, device=xf.device)
+    chan = torch.zeros(c, dtype=torch.float32, device=xf.device)
+    buf = torch.empty(blocks[0].stop - blocks[0].start, c, dtype=torch.float32, device=xf.device)
+    for rows in blocks:
+        xb = xf[rows]
+        ab = torch.abs(xb, out=buf[: xb.shape[0]])
+        if clamp is not None:
+            ab.clamp_(max=clamp)
+        torch.sum(ab, 1, out=tok[rows])
+        chan += ab.sum(0)
+        if bits is not None:
+            torch.ge(xb, 0, out=bits[rows])  # bit 1 = non-negative (zero maps to +)
+    return tok.div_(c), chan.div_(n)
+
+
+def sign_scales(codec: Codec, x: torch.Tensor, xf: torch.Tensor, blocks: list[slice], bits: torch.Tensor | None = None):
+    """Balanced fp16 scale factors (a: N, b: C)."""
+    tok, chan = _abs_sums(xf, blocks, bits)
     # Any NaN/Inf in x reaches its row and column sums.
     if not codec._check_finite(x, probe=tok.amax() + chan.amax()):
         # Finite but so huge that a sum overflowed: the wire saturates at SQ16_MAX anyway.
-        ab.clamp_(max=SQ16_MAX)
-        tok = ab.sum(1).div_(c)
-        chan = ab.sum(0).div_(n)
+        tok, chan = _abs_sums(xf, blocks, None, clamp=SQ16_MAX)
     tokn = safe_div(tok, tok.mean())  # mean(tok) == mean|x|; 0 for an all-zero input
     g = balance_gain(tokn.amax(), chan.amax())
-    a16 = to_fp16(tokn * g)
-    b16 = to_fp16(safe_div(chan, g))
-    return a16, b16, ab
+    return to_fp16(tokn * g), to_fp16(safe_div(chan, g))
+
+
+def _decode_scaled(packed: torch.Tensor, lut: torch.Tensor, a: torch.Tensor, b: torch.Tensor, c: int) -> torch.Tensor:
+    """(level * b[c]) * a[n] as two separately rounded fp32 multiplies, block by block.
+
+    Separate elementwise kernels cannot be fused into an FMA by any compiler, so every IEEE-754
+    device produces the same bits from the same payload.
+    """
+    n = packed.shape[0]
+    out = torch.empty(n, c, dtype=torch.float32, device=packed.device)
+    for rows in row_blocks(n, c, packed.device):
+        o = out[rows]
+        torch.mul(lut_decode(packed[rows], lut, c), b, out=o)
+        o.mul_(a[rows, None])
+    return out
+
+
+def _levels(values: list[float], bits: int, device) -> torch.Tensor:
+    # Built arithmetically on the device: no host-to-device copy per call.
+    v = torch.zeros(len(values), dtype=torch.float32, device=device)
+    for i, val in enumerate(values):  # 2 or 4 entries
+        v[i] = val
+    return field_lut(bits, v)
 
 
 class BinaryCodec(Codec):
@@ -61,10 +95,8 @@ class BinaryCodec(Codec):
     def encode(self, x: torch.Tensor, state: CodecState | None = None) -> torch.Tensor:
         n, c = self._check_input(x)
         xf = x.float()
-        a16, b16, ab = sign_scales(self, x, xf)
-        del ab
         buf, view = field_buffer(n, c, 1, x.device, dtype=torch.bool)
-        torch.ge(xf, 0, out=view)  # bit 1 = non-negative (zero maps to +)
+        a16, b16 = sign_scales(self, x, xf, row_blocks(n, c, x.device), bits=view)
         return concat_bytes([pack_fields(buf, 1), a16, b16])
 
     def decode(self, payload: torch.Tensor, shape: tuple[int, int], dtype: torch.dtype = torch.float32) -> torch.Tensor:
@@ -73,8 +105,8 @@ class BinaryCodec(Codec):
         bits, ab, bb = split_bytes(payload, [n * p, 2 * n, 2 * c])
         a = bytes_as(ab, torch.float16, (n,)).float()
         b = bytes_as(bb, torch.float16, (c,)).float()
-        lut = field_lut(1, torch.tensor([-1.0, 1.0], device=payload.device))
-        return finish(_scale_levels(lut_decode(bits.view(n, p), lut, c), a, b), dtype)
+        lut = _levels([-1.0, 1.0], 1, payload.device)
+        return finish(_decode_scaled(bits.view(n, p), lut, a, b, c), dtype)
 
 
 class Int2Codec(Codec):
@@ -92,15 +124,24 @@ class Int2Codec(Codec):
     def encode(self, x: torch.Tensor, state: CodecState | None = None) -> torch.Tensor:
         n, c = self._check_input(x)
         xf = x.float()
-        a16, b16, ab = sign_scales(self, x, xf)
-        # |x| > a*b, tested as |x| * (1/b) > a in place: saves a full (N, C) scale tensor. b == 0
-        # gives 0*inf = NaN (mag 0) or inf (mag 1); both decode to 0 since the scale is 0.
-        ab.mul_(torch.reciprocal(b16.float()))
-        mag = torch.gt(ab, a16.float()[:, None])
-        del ab
-        sign = torch.ge(xf, 0)
+        blocks = row_blocks(n, c, x.device)
+        a16, b16 = sign_scales(self, x, xf, blocks)
+        a32 = a16.float()[:, None]
+        # |x| > a*b is tested as |x| * (1/b) > a: no full (N, C) scale tensor. b == 0 gives
+        # 0*inf = NaN (mag 0) or inf (mag 1); both decode to 0 since the scale is 0.
+        inv_b = torch.reciprocal(b16.float())
         buf, view = field_buffer(n, c, 2, x.device)
-        torch.add(mag.view(torch.uint8), sign.view(torch.uint8), alpha=2, out=view)
+        rows0 = blocks[0].stop - blocks[0].start
+        mag_buf = torch.empty(rows0, c, dtype=torch.float32, device=x.device)
+        mag = torch.empty(rows0, c, dtype=torch.bool, device=x.device)
+        sign = torch.empty(rows0, c, dtype=torch.bool, device=x.device)
+        for rows in blocks:
+            xb = xf[rows]
+            k = xb.shape[0]
+            t = torch.abs(xb, out=mag_buf[:k]).mul_(inv_b)
+            torch.gt(t, a32[rows], out=mag[:k])
+            torch.ge(xb, 0, out=sign[:k])
+            torch.add(mag[:k].view(torch.uint8), sign[:k].view(torch.uint8), alpha=2, out=view[rows])
         return concat_bytes([pack_fields(buf, 2), a16, b16])
 
     def decode(self, payload: torch.Tensor, shape: tuple[int, int], dtype: torch.dtype = torch.float32) -> torch.Tensor:
@@ -110,18 +151,5 @@ class Int2Codec(Codec):
         a = bytes_as(ab, torch.float16, (n,)).float()
         b = bytes_as(bb, torch.float16, (c,)).float()
         lo, hi = INT2_LEVEL_LO, INT2_LEVEL_HI
-        lut = field_lut(2, torch.tensor([-lo, -hi, lo, hi], device=payload.device))
-        return finish(_scale_levels(lut_decode(fields.view(n, p), lut, c), a, b), dtype)
-
-
-def _scale_levels(levels: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """(levels * b[c]) * a[n] as two separately rounded fp32 multiplies.
-
-    Separate elementwise kernels cannot be fused into an FMA by any compiler, so every IEEE-754
-    device produces the same bits from the same payload.
-    """
-    if levels.is_contiguous():
-        out = levels.mul_(b)
-    else:
-        out = torch.mul(levels, b)
-    return out.mul_(a[:, None])
+        lut = _levels([-lo, -hi, lo, hi], 2, payload.device)
+        return finish(_decode_scaled(fields.view(n, p), lut, a, b, c), dtype)

@@ -1,0 +1,195 @@
+"""``make bench``: run every benchmark and assemble ``docs/benchmarks.md``.
+
+    python -m compactfusion.bench.make_docs --out docs [--quick] [--only quality,latency] [--skip soak]
+
+Each bench runs in its own subprocess (``main(["--out", "<out>/bench/<name>", ...])``) with a time limit, so
+one failure or hang cannot take the others down; a failed or missing bench is reported in the document.
+Then ``<out>/benchmarks.md`` is written: machine, versions and date, the headline table (the README
+snippet), and every bench's ``results.md`` with its plots (paths made relative to ``<out>``).
+"""
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import math
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from ..cli.args import Parser
+
+# name -> (arguments for a full run, arguments for --quick, time limit in seconds)
+BENCHES = {
+    "project": ([], ["--quick"], 300),
+    "codecs": ([], ["--quick"], 300),
+    "comm": ([], ["--quick"], 420),
+    "quality": ([], ["--quick"], 1200),
+    "latency": (["--shaped"], ["--quick"], 900),
+    "soak": (["--generations", "40"], ["--generations", "6"], 420),
+}
+TITLES = {"project": "Projection to real models", "codecs": "Codecs", "comm": "Communication layer",
+          "quality": "Quality", "latency": "Latency", "soak": "Soak (many generations)"}
+
+
+def run_bench(name: str, out: Path, extra: list[str], limit: float) -> dict:
+    """Run one bench in a subprocess; returns {status, seconds, tail}."""
+    module = f"compactfusion.bench.{name}"
+    if importlib.util.find_spec(module) is None:
+        return {"status": "missing", "seconds": 0.0, "tail": f"module {module} not found"}
+    argv = ["--out", str(out / "bench" / name)] + extra
+    code = f"import sys; from {module} import main; sys.exit(main({argv!r}))"
+    t0 = time.perf_counter()
+    try:
+        p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=limit)
+        status = "ok" if p.returncode == 0 else f"exit code {p.returncode}"
+        tail = (p.stdout + p.stderr)[-2000:]
+    except subprocess.TimeoutExpired as e:
+        status = f"timed out after {limit:.0f} s"
+        tail = ((e.stdout or b"").decode(errors="replace") if isinstance(e.stdout, bytes) else (e.stdout or ""))[-2000:]
+    return {"status": status, "seconds": time.perf_counter() - t0, "tail": tail}
+
+
+def _load(out: Path, name: str) -> list[dict]:
+    p = out / "bench" / name / "results.json"
+    try:
+        return json.loads(p.read_text())
+    except (OSError, ValueError):
+        return []
+
+
+def _relink(md: str, prefix: str) -> str:
+    """Point a bench's image links (relative to its folder) at ``prefix``/<file>."""
+    return re.sub(r"!\[([^\]]*)\]\((?!https?:|/)([^)]+)\)", lambda m: f"![{m.group(1)}]({prefix}/{m.group(2)})", md)
+
+
+def _demote(md: str) -> str:
+    """Shift headings one level down so each bench sits under its own section."""
+    return re.sub(r"^(#+) ", lambda m: "#" * min(6, len(m.group(1)) + 1) + " ", md, flags=re.M)
+
+
+def headline(out: Path) -> str:
+    """The README snippet: the headline numbers pulled from the benches' results.json."""
+    from .plots import fmt_bytes, md_table
+    lines = []
+    q = {r["method"]: r for r in _load(out, "quality")}
+    lat = [r for r in _load(out, "latency") if r.get("kind") == "measured (sleep)"]
+    proj = [r for r in _load(out, "project") if r.get("section") == "bytes"]
+    names = [("ring", "Ring attention (exact)"), ("ulysses", "Ulysses (exact)"), ("distrifusion", "DistriFusion (stale K/V)"),
+             ("diffusers-ring", "diffusers native ring CP"), ("ring+int2", "compactfusion int2 + EF"),
+             ("ring+binary", "compactfusion binary (1-bit) + EF"), ("ring+lowrank-int4:32", "compactfusion lowrank-int4:32 + EF")]
+    if q or lat or proj:
+        w = max((r["world_size"] for r in lat), default=4)
+        lw = [r for r in lat if r["world_size"] == w and r["latency"] == "0"]
+        ring_rows = [r for r in lw if r["method"] == "ring" and r.get("comm_fraction", 0) >= 0.95]
+        slow = min(ring_rows, key=lambda r: r["wall_s"], default=None) or \
+            max((r for r in lw if r["method"] == "ring" and r["bandwidth"] != "inf"), key=lambda r: r.get("comm_fraction", 0), default=None)
+        flux = {(r["strategy"], r["codec"]): r for r in proj if r["model"] == "flux-dev-1024" and r["world_size"] == 4}
+        head = ["method", "PSNR vs 1 device (digits)", "bytes/image/rank (digits)"]
+        if slow:
+            head.append(f"s/image at {slow['bandwidth']}, W={w} (speed-up vs ring)")
+        head += ["FLUX.1-dev 1024² bytes/image/rank, W=4 (projected)", "FLUX predicted s/image at 1000 MB/s"]
+        body = []
+        for key, label in names:
+            r = q.get(key)
+            cells = [label, "-" if not r else (f"{r['psnr']:.1f} dB" if r["psnr"] < 100 else "≥ 100 dB (exact)"),
+                     "-" if not r else fmt_bytes(r["bytes_per_image"])]
+            if slow:
+                m = next((x for x in lw if x["method"] == key and x["bandwidth"] == slow["bandwidth"]), None)
+                cells.append("-" if not m else f"{m['wall_s']:.2f} ({m.get('speedup_vs_ring', 1):.1f}x)")
+            strategy, codec = (key.split("+") + ["none"])[:2] if "+" in key else (key, "none")
+            p = flux.get((strategy, codec))
+            cells += ["-" if not p else f"{p['bytes_per_image'] / 1e9:.2f} GB ({p['compression_ratio']:.1f}x)",
+                      "-" if not p else f"{p['latency_1000mbs_s']:.1f}"]
+            body.append(cells)
+        lines += [md_table(head, body), ""]
+        notes = ["Digits: bundled 32x32 Flux-architecture model, W=4 gloo ranks on CPU, fp32 wire, 20 steps, 1 warmup step "
+                 "(full precision)."]
+        if slow:
+            notes.append(f"Latency: link model in sleep mode at {slow['bandwidth']} per rank, where uncompressed ring spends "
+                         f"{100 * slow.get('comm_fraction', 0):.0f}% of its time communicating.")
+        notes.append("FLUX: exact bytes from the codecs' wire sizes (fp16, 1 warmup step, 28 steps); latency from the "
+                     "`bench project` model (compute/W + exposed communication) with FLUX's published L20 compute time.")
+        lines += [" ".join(notes), ""]
+    return "\n".join(lines)
+
+
+def assemble(out: Path, status: dict, total_s: float, quick: bool) -> str:
+    from ._common import environment_markdown
+    parts = ["# Benchmarks", "",
+             "Generated by `make bench` (`python -m compactfusion.bench.make_docs --out docs`)"
+             + (" in **--quick** mode (smoke-test sizes; numbers are not representative)" if quick else "")
+             + f"; total {total_s / 60:.1f} min. Every number below is produced by the commands listed; nothing is "
+               "copied from elsewhere except the published reference latencies that `bench project` compares against.", "",
+             "## Machine", "", environment_markdown().rstrip(), "",
+             "## Headline", "", "<!-- README snippet: begin -->", headline(out).rstrip(), "<!-- README snippet: end -->", "",
+             "## Runs", ""]
+    from .plots import md_table
+    parts += [md_table(["bench", "command", "status", "time"],
+                       [[n, f"`compactfusion bench {n} --out {out}/bench/{n} {' '.join(s.get('args', []))}`".replace("  ", " "),
+                         s["status"], f"{s['seconds']:.0f} s"] for n, s in status.items()]), ""]
+    for name, s in status.items():
+        parts += [f"## {TITLES.get(name, name)}", ""]
+        md = out / "bench" / name / "results.md"
+        if s["status"] != "ok" or not md.is_file():
+            parts += [f"Not available: {s['status']}.", ""]
+            if s.get("tail"):
+                parts += ["```", s["tail"].strip()[-1200:], "```", ""]
+            if not md.is_file():
+                continue
+        text = md.read_text()
+        text = re.sub(r"^# .*\n", "", text, count=1, flags=re.M)
+        parts += [_demote(_relink(text, f"bench/{name}")).strip(), ""]
+    return "\n".join(parts) + "\n"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = Parser(prog="python -m compactfusion.bench.make_docs", description=__doc__.splitlines()[0])
+    p.add_argument("--out", default="docs")
+    p.add_argument("--quick", action="store_true", help="smoke-test sizes for every bench")
+    p.add_argument("--only", default=None, help="comma list of benches to run (others keep their previous results)")
+    p.add_argument("--skip", default="", help="comma list of benches not to run")
+    p.add_argument("--assemble-only", action="store_true", help="rebuild benchmarks.md from existing results")
+    return p
+
+
+def main(argv=None) -> int:
+    a = build_parser().parse_args(argv)
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    only = [x.strip() for x in a.only.split(",")] if a.only else list(BENCHES)
+    skip = {x.strip() for x in a.skip.split(",") if x.strip()}
+    unknown = [x for x in only + list(skip) if x not in BENCHES]
+    if unknown:
+        raise ValueError(f"unknown bench(es) {', '.join(unknown)}; choose from {', '.join(BENCHES)}")
+    status_file = out / "bench" / "status.json"
+    try:
+        status = json.loads(status_file.read_text())
+    except (OSError, ValueError):
+        status = {}
+    if not a.assemble_only:
+        for name in BENCHES:
+            if name not in only or name in skip:
+                continue
+            full, quick, limit = BENCHES[name]
+            args = quick if a.quick else full
+            print(f"make_docs: {name} ...", flush=True)
+            s = run_bench(name, out, args, limit)
+            s["args"] = args
+            status[name] = s
+            print(f"make_docs: {name}: {s['status']} in {s['seconds']:.0f} s", flush=True)
+            if s["status"] != "ok":
+                print(s["tail"][-1500:], file=sys.stderr)
+        status_file.parent.mkdir(parents=True, exist_ok=True)
+        status_file.write_text(json.dumps(status, indent=1))
+    status = {n: status[n] for n in BENCHES if n in status}
+    total = sum(s["seconds"] for s in status.values())  # of the runs behind the current results
+    (out / "benchmarks.md").write_text(assemble(out, status, total, a.quick))
+    print(f"make_docs: wrote {out / 'benchmarks.md'} ({total / 60:.1f} min)")
+    return 0 if all(s["status"] in ("ok", "missing") for s in status.values()) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
