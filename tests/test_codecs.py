@@ -265,6 +265,19 @@ def test_affine_offset_dominated_channels(spec, offset, spread):
     assert ((y - x).abs() <= step * 0.5 + abs(offset) * 2**-20).all()
 
 
+@pytest.mark.parametrize("spec", ALL)
+def test_non_contiguous_input(spec):
+    base = gaussian(40, 24, seed=13)
+    view = base.T  # (24, 40), non-contiguous
+    codec = get_codec(spec)
+    p = codec.encode(view)
+    assert p.numel() == codec.encoded_nbytes(24, 40)
+    y = codec.decode(p, (24, 40))
+    dense = view.contiguous()
+    y_dense = codec.decode(codec.encode(dense), (24, 40))
+    assert abs(rel_err(y, dense) - rel_err(y_dense, dense)) < 1e-3
+
+
 def test_fp16_cast_saturates_instead_of_inf():
     x = torch.tensor([[1e5, -1e6, 3.0]])
     for spec in ("fp16", "int8", "binary"):
@@ -497,6 +510,20 @@ def test_pack_fast_matches_portable_and_inverts(bits, shape):
     assert torch.equal(unpack_fields(fast, bits, shape[1]), f)
     if bits == 1:
         assert torch.equal(pack_fields(f.bool(), 1), ref)
+
+
+@pytest.mark.parametrize("bits", (1, 2, 4))
+def test_lut_decode_paths_agree(bits):
+    from compactfusion.codecs.packing import lut_decode, lut_decode_unpacked
+
+    g = torch.Generator().manual_seed(bits)
+    packed = torch.randint(0, 256, (5, 7), generator=g, dtype=torch.uint8)
+    values = torch.randn(1 << bits, generator=g)
+    for length in (7 * 8 // bits, 7 * 8 // bits - 1):
+        a = lut_decode(packed, bits, values, length)
+        b = lut_decode_unpacked(packed, bits, values, length)
+        assert torch.equal(a, b)
+        assert torch.equal(b, values[unpack_fields(packed, bits, length).long()])
 
 
 def test_sq16_encoding():

@@ -119,7 +119,8 @@ def measure(spec: str, x: torch.Tensor, reps: int) -> dict:
     encdec = statistics.median(e + d for e, d in zip(enc_t, dec_t))
     clone = statistics.median(clone_t)
     nbytes = payload.numel()
-    assert nbytes == codec.encoded_nbytes(n, c)  # noqa: S101 - bench self-check, not validation
+    if nbytes != codec.encoded_nbytes(n, c):
+        raise RuntimeError(f"{spec}: payload has {nbytes} bytes, encoded_nbytes says {codec.encoded_nbytes(n, c)}")
     return {
         "codec": spec,
         "n": n,

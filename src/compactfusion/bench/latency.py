@@ -40,6 +40,9 @@ BANDWIDTHS = ("10MB/s", "100MB/s", "1GB/s", "10GB/s", "inf")
 LATENCIES = ("100us", "1ms")  # swept at LATENCY_BW (the bandwidth sweep uses latency 0)
 LATENCY_BW = "1GB/s"
 LATENCY_METHODS = ("patch", "ring", "ulysses", "ring+binary", "diffusers-ring")  # the latency sweep's subset
+SLOW_BW = "2MB/s"  # communication-bound point (uncompressed ring >= 95% communicating), run for a subset only
+SLOW_METHODS = ("ring", "ring+binary", "ring+int2", "diffusers-ring")
+SHAPED_METHODS = ("ring", "patch", "ring+binary")
 
 
 def methods(world: int, quick: bool = False) -> list[dict]:
@@ -98,10 +101,10 @@ def latency_worker(rank, world, plan):
     _gen(pipe, 2)
     cf.unparallelize(pipe)
 
-    for bw, lat in plan["links"]:
+    for bw, lat, subset in plan["links"]:
         reps = plan["reps"] if bw == "inf" else 1
         for m in plan["methods"]:
-            if lat != "0" and m["name"] not in LATENCY_METHODS:
+            if subset is not None and m["name"] not in subset:
                 continue
             cfg = parallel_config(m, _link(bw, lat), plan["warmup"])
             cf.parallelize(pipe, cfg)
@@ -128,8 +131,8 @@ def latency_worker(rank, world, plan):
 
         def run_one(cp_pipe, mode, meter):
             out = []
-            for bw, lat in plan["links"]:
-                if lat != "0" and f"diffusers-{mode}" not in LATENCY_METHODS:
+            for bw, lat, subset in plan["links"]:
+                if subset is not None and f"diffusers-{mode}" not in subset:
                     continue
                 meter.link = _link(bw, lat)
                 reps = plan["reps"] if bw == "inf" else 1
@@ -330,6 +333,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--bandwidths", default=",".join(BANDWIDTHS), help="sleep-mode sweep (latency 0)")
     p.add_argument("--latencies", default=",".join(LATENCIES), help=f"latency sweep at {LATENCY_BW}")
     p.add_argument("--latency-bandwidth", default=LATENCY_BW)
+    p.add_argument("--slow-bandwidth", default=SLOW_BW, help="extra communication-bound point for "
+                   + ", ".join(SLOW_METHODS) + " ('' to skip)")
     p.add_argument("--steps", type=int, default=STEPS)
     p.add_argument("--warmup-steps", type=int, default=1)
     p.add_argument("--reps", type=int, default=2, help="repetitions (best of) on the unlimited link")
@@ -337,7 +342,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default=None)
     p.add_argument("--no-peers", action="store_true")
     p.add_argument("--shaped", action="store_true", help="also validate against tc-shaped veth links")
-    p.add_argument("--shaped-bandwidth", default="20MB/s")
+    p.add_argument("--shaped-bandwidth", default="10MB/s")
     p.add_argument("--quick", action="store_true", help="W=2, 2 links, 3 methods, 4 steps")
     p.add_argument("--timeout", type=float, default=1800.0)
     return p
@@ -351,9 +356,14 @@ def run(a) -> tuple[list[dict], str, list[str]]:
         _link(b, "0")
     for x in lats:
         _link("inf", x)
-    links = [(b, "0") for b in bws] + [(a.latency_bandwidth, x) for x in lats]
-    if ("inf", "0") not in links:
-        links.append(("inf", "0"))  # the virtual extension needs the unlimited run
+    links = [(b, "0", None) for b in bws] + [(a.latency_bandwidth, x, LATENCY_METHODS) for x in lats]
+    if a.slow_bandwidth:
+        _link(a.slow_bandwidth, "0")
+        links.insert(0, (a.slow_bandwidth, "0", SLOW_METHODS))
+    if a.shaped and a.shaped_bandwidth not in bws:  # the sleep-mode counterpart of the shaped runs
+        links.append((a.shaped_bandwidth, "0", SHAPED_METHODS))
+    if ("inf", "0", None) not in links:
+        links.append(("inf", "0", None))  # the virtual extension needs the unlimited run
     rows: list[dict] = []
     timing = {}
     for w in worlds:
@@ -391,7 +401,7 @@ def run(a) -> tuple[list[dict], str, list[str]]:
         else:
             t0 = time.perf_counter()
             for w in worlds:
-                sm = [m for m in methods(w) if m["name"] in ("ring", "patch", "ring+binary")]
+                sm = [m for m in methods(w) if m["name"] in SHAPED_METHODS]
                 for r in run_shaped(w, a.shaped_bandwidth, sm, a.steps, a.warmup_steps, a.model, 600.0):
                     ref = by.get((r["method"], w, a.shaped_bandwidth, "0"))
                     base = by.get((r["method"], w, "inf", "0"))
@@ -471,7 +481,7 @@ def headline(rows, w: int) -> list[dict]:
     bound = [r for r in rows if r["world_size"] == w and r["method"] == "ring" and r["latency"] == "0"
              and r["comm_fraction"] >= 0.95]
     if bound:
-        ring = min(bound, key=lambda r: _link(r["bandwidth"], "0").bandwidth)
+        ring = max(bound, key=lambda r: _link(r["bandwidth"], "0").bandwidth)  # the least favourable such link
         b = by.get(("ring+binary", ring["bandwidth"], "0"))
         d = by.get(("diffusers-ring", ring["bandwidth"], "0"))
         if b:
@@ -566,6 +576,7 @@ def main(argv=None) -> int:
     a = build_parser().parse_args(argv)
     if a.quick:
         a.worlds, a.bandwidths, a.latencies, a.steps, a.reps = "2", "10MB/s,inf", "", min(a.steps, 4), 1
+        a.slow_bandwidth = ""
     try:
         worlds = [int(w) for w in a.worlds.split(",") if w.strip()]
     except ValueError:

@@ -90,7 +90,7 @@ def pareto(path, points: list[dict], x: str, y: str, label: str, xlabel: str, yl
            group: str | None = None) -> str:
     """Scatter of points (dicts) with log x, the upper-left Pareto front drawn, every point labelled."""
     plt = _plt()
-    fig, ax = plt.subplots(figsize=(8, 5.5))
+    fig, ax = plt.subplots(figsize=(10, 6.5))
     pts = [p for p in points if p.get(x) and p.get(y) is not None and math.isfinite(p[y]) and p[x] > 0]
     groups = list(dict.fromkeys(p.get(group, "") for p in pts)) if group else [""]
     for g in groups:
@@ -134,4 +134,28 @@ def image_grid(path, rows: list[tuple[str, list]], col_labels: list[str] | None 
                 ax.set_title(col_labels[j], fontsize=7)
     if title:
         fig.suptitle(title, fontsize=9)
+    return _save(fig, path)
+
+
+def panels(path, panels: dict, xlabel: str, ylabel: str, title: str, logy=False) -> str:
+    """One subplot per entry: title -> {label: [(x, y), ...]}; the same label gets the same colour everywhere."""
+    plt = _plt()
+    n = len(panels)
+    fig, axes = plt.subplots(1, n, figsize=(4.2 * n, 3.8), squeeze=False, sharey=True)
+    colors: dict = {}
+    for ax, (ptitle, series) in zip(axes[0], panels.items()):
+        for label, pts in series.items():
+            pts = [(x, y) for x, y in pts if y is not None and math.isfinite(y) and (y > 0 or not logy)]
+            if not pts:
+                continue
+            line, = ax.plot(*zip(*pts), marker="o", ms=3, label=label, color=colors.get(label))
+            colors.setdefault(label, line.get_color())
+        ax.set_title(ptitle, fontsize=9)
+        ax.set_xlabel(xlabel)
+        if logy:
+            ax.set_yscale("log")
+        ax.grid(alpha=0.3, which="both")
+    axes[0][0].set_ylabel(ylabel)
+    axes[0][0].legend(fontsize=7)
+    fig.suptitle(title, fontsize=10)
     return _save(fig, path)

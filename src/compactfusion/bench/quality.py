@@ -1,9 +1,11 @@
 """``compactfusion bench quality``: fidelity vs bytes of every strategy and codec on the bundled digits model.
 
 One gloo group of W workers (default 4) is spawned once; inside it every method runs on the same seeds
-(``parallelize`` / ``unparallelize`` on one loaded pipeline), one image per pipeline call by default, so
-codecs see the same (batch 2 = CFG, 256/W tokens) matrices as a per-request server would. The
-single-device references are generated in the same group (seeds split over the ranks).
+(``parallelize`` / ``unparallelize`` on one loaded pipeline). Seeds are batched ``--batch`` per pipeline
+call (the codecs then code the batch as one matrix, as a batching server would), except for the low-rank
+codecs, which always run one image per call: a shared rank over a whole batch would change what they are.
+Each method is compared with single-device references drawn with the same batching (the noise of a seed
+depends on it). The references are generated in the same group (calls split over the ranks).
 
 Metrics per method, each against the single-device image of the same seed and prompt (digit = seed % 10):
 PSNR and SSIM (scikit-image, ``compactfusion.metrics``; PSNR capped at 100 dB per image, which
@@ -437,8 +439,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--world", type=int, default=4, help="ranks (gloo processes)")
     p.add_argument("--steps", type=int, default=STEPS)
     p.add_argument("--warmup-steps", type=int, default=WARMUP)
-    p.add_argument("--batch", type=int, default=1, help="seeds per pipeline call (1 = per-request matrices; "
-                   ">1 is faster but codecs then see the whole batch as one matrix)")
+    p.add_argument("--batch", type=int, default=8, help="seeds per pipeline call for all but the low-rank codecs "
+                   "(which always run one image per call); 1 = every codec sees one image's matrices")
     p.add_argument("--codecs", default=",".join(CODECS))
     p.add_argument("--methods", default=None, help="comma list of method names to keep (default: all)")
     p.add_argument("--model", default=None, help="digits pipeline folder (default: the bundled model)")
@@ -524,13 +526,10 @@ def plot_all(rows, curves, out: Path, grid_seeds: int) -> list[str]:
     files.append(P.pareto(out / "quality_pareto.png", pts, "bytes_per_image", "psnr", "label",
                           "bytes sent per image per rank (log)", "PSNR vs single device (dB)",
                           "Fidelity vs bytes (digits model)", group="family"))
-    series = {}
-    for codec, cur in curves.items():
-        for label, ys in cur.items():
-            series[f"{codec}: {label}"] = list(enumerate(ys))
-    files.append(P.lines(out / "quality_error_steps.png", series, "denoising step",
-                         "relative error ||x - x^|| / ||x|| at the receiver",
-                         "Reconstruction error of real K activations per step", logy=True))
+    panels = {f"codec {codec}": {label: list(enumerate(ys)) for label, ys in cur.items()} for codec, cur in curves.items()}
+    files.append(P.panels(out / "quality_error_steps.png", panels, "denoising step (step 0 = full-precision warmup)",
+                          "relative error ||x - x^|| / ||x|| (receiver)",
+                          "Reconstruction error of real K activations per step (digits model, mean over layers)", logy=True))
     by = {r["method"]: r for r in rows}
     grid = [(name, list(by[name]["_images"][:grid_seeds])) for name in GRID if name in by]
     if grid:

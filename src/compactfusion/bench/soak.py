@@ -245,14 +245,15 @@ def _write(a, per_rank: list[dict], world: int) -> None:
     md = markdown(record)
     out.mkdir(parents=True, exist_ok=True)
     try:
-        from ._common import write_outputs  # shared bench helper, when present
+        from ._common import environment_record, write_outputs  # shared bench helpers
+        record["meta"]["environment"] = environment_record()
     except ImportError:
         write_outputs = None
     if write_outputs is not None:
         write_outputs(out, rows, md)
-    else:
+    else:  # same convention: results.json is the list of rows
         import csv
-        (out / "results.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
+        (out / "results.json").write_text(json.dumps(rows, indent=1))
         with open(out / "results.csv", "w", newline="") as f:
             wr = csv.DictWriter(f, fieldnames=list(ROW_KEYS))
             wr.writeheader()

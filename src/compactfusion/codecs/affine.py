@@ -15,7 +15,6 @@ from .packing import (
     bytes_as,
     concat_bytes,
     field_buffer,
-    field_lut,
     lut_decode,
     pack_fields,
     packed_len,
@@ -134,6 +133,6 @@ class AffineCodec(Codec):
             levels_of = lambda rows: q[rows].to(torch.float32)  # noqa: E731
         else:
             q = qb.view(n, packed_len(c, 4))
-            lut = field_lut(4, torch.arange(16, dtype=torch.float32, device=payload.device))
-            levels_of = lambda rows: lut_decode(q[rows], lut, c)  # noqa: E731
+            values = torch.arange(16, dtype=torch.float32, device=payload.device)
+            levels_of = lambda rows: lut_decode(q[rows], 4, values, c)  # noqa: E731
         return finish(affine_decode_blocked(levels_of, n, c, s32, m32, payload.device), dtype)

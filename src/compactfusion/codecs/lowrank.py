@@ -22,7 +22,6 @@ from .packing import (
     bytes_as,
     concat_bytes,
     field_buffer,
-    field_lut,
     lut_decode,
     pack_fields,
     packed_len,
@@ -166,12 +165,12 @@ class LowRankInt4Codec(_LowRankBase):
         r = self.effective_rank(n, c)
         pn, pc = packed_len(n, 4), packed_len(c, 4)
         parts = split_bytes(payload, [r * pn, 2 * r, 2 * r, r * pc, 2 * r, 2 * r])
-        lut = field_lut(4, torch.arange(16, dtype=torch.float32, device=payload.device))
+        values = torch.arange(16, dtype=torch.float32, device=payload.device)
 
         def rows(qb, sb, mb, length, p):
             s = _sq16(sb, r)[:, None]
             m = _sq16(mb, r)[:, None]
-            return affine_levels(lut_decode(qb.view(r, p), lut, length), s, m)
+            return affine_levels(lut_decode(qb.view(r, p), 4, values, length), s, m)
 
         ud = rows(parts[0], parts[1], parts[2], n, pn)
         vd = rows(parts[3], parts[4], parts[5], c, pc)

@@ -85,11 +85,7 @@ def unpack_fields(packed: torch.Tensor, bits: int, length: int) -> torch.Tensor:
 
 
 def field_lut(bits: int, values: torch.Tensor) -> torch.Tensor:
-    """(256, 8//bits) float table: row b holds ``values[field_i(b)]`` for every field of byte b.
-
-    Decoding through ``embedding(packed_bytes, lut)`` unpacks and maps fields to reconstruction
-    levels in one gather, without materialising the integer fields.
-    """
+    """(256, 8//bits) float table: row b holds ``values[field_i(b)]`` for every field of byte b."""
     per = 8 // bits
     b = torch.arange(256, device=values.device, dtype=torch.int64)
     shifts = torch.arange(0, 8, bits, device=values.device, dtype=torch.int64)
@@ -97,15 +93,24 @@ def field_lut(bits: int, values: torch.Tensor) -> torch.Tensor:
     return values[idx].reshape(256, per)
 
 
-def lut_decode(packed: torch.Tensor, lut: torch.Tensor, length: int) -> torch.Tensor:
-    """(rows, P) packed bytes -> (rows, length) levels via a :func:`field_lut` table.
+def lut_decode(packed: torch.Tensor, bits: int, values: torch.Tensor, length: int) -> torch.Tensor:
+    """(rows, P) packed fields -> (rows, length) float ``values[field]`` (a view when padded).
 
-    Returns a view (possibly non-contiguous when the row had pad fields).
+    On CPU one ``embedding`` gather over a 256-row byte table unpacks and maps all fields of a
+    byte at once. CUDA's gather is slow for such short rows, so accelerators unpack with shifts
+    and index the small table instead. Both yield the exact table values.
     """
+    if packed.device.type != "cpu":
+        return lut_decode_unpacked(packed, bits, values, length)
     rows, p = packed.shape
-    out = torch.nn.functional.embedding(packed.to(torch.int32), lut)
-    out = out.view(rows, p * lut.shape[1])
+    out = torch.nn.functional.embedding(packed.to(torch.int32), field_lut(bits, values))
+    out = out.view(rows, p * (8 // bits))
     return out if out.shape[1] == length else out[:, :length]
+
+
+def lut_decode_unpacked(packed: torch.Tensor, bits: int, values: torch.Tensor, length: int) -> torch.Tensor:
+    """The accelerator path of :func:`lut_decode` (any device)."""
+    return values[unpack_fields(packed, bits, length).to(torch.int64)]
 
 
 # ---- byte (de)serialisation -----------------------------------------------------------------

@@ -15,7 +15,6 @@ from .packing import (
     bytes_as,
     concat_bytes,
     field_buffer,
-    field_lut,
     lut_decode,
     pack_fields,
     packed_len,
@@ -61,7 +60,7 @@ def sign_scales(codec: Codec, x: torch.Tensor, xf: torch.Tensor, blocks: list[sl
     return to_fp16(tokn * g), to_fp16(safe_div(chan, g))
 
 
-def _decode_scaled(packed: torch.Tensor, lut: torch.Tensor, a: torch.Tensor, b: torch.Tensor, c: int) -> torch.Tensor:
+def _decode_scaled(packed: torch.Tensor, bits: int, values: torch.Tensor, a, b, c: int) -> torch.Tensor:
     """(level * b[c]) * a[n] as two separately rounded fp32 multiplies, block by block.
 
     Separate elementwise kernels cannot be fused into an FMA by any compiler, so every IEEE-754
@@ -71,17 +70,17 @@ def _decode_scaled(packed: torch.Tensor, lut: torch.Tensor, a: torch.Tensor, b: 
     out = torch.empty(n, c, dtype=torch.float32, device=packed.device)
     for rows in row_blocks(n, c, packed.device):
         o = out[rows]
-        torch.mul(lut_decode(packed[rows], lut, c), b, out=o)
+        torch.mul(lut_decode(packed[rows], bits, values, c), b, out=o)
         o.mul_(a[rows, None])
     return out
 
 
-def _levels(values: list[float], bits: int, device) -> torch.Tensor:
-    # Built arithmetically on the device: no host-to-device copy per call.
-    v = torch.zeros(len(values), dtype=torch.float32, device=device)
+def _values(values: list[float], device) -> torch.Tensor:
+    # Filled on the device: no host-to-device copy per call.
+    v = torch.empty(len(values), dtype=torch.float32, device=device)
     for i, val in enumerate(values):  # 2 or 4 entries
         v[i] = val
-    return field_lut(bits, v)
+    return v
 
 
 class BinaryCodec(Codec):
@@ -105,8 +104,8 @@ class BinaryCodec(Codec):
         bits, ab, bb = split_bytes(payload, [n * p, 2 * n, 2 * c])
         a = bytes_as(ab, torch.float16, (n,)).float()
         b = bytes_as(bb, torch.float16, (c,)).float()
-        lut = _levels([-1.0, 1.0], 1, payload.device)
-        return finish(_decode_scaled(bits.view(n, p), lut, a, b, c), dtype)
+        values = _values([-1.0, 1.0], payload.device)
+        return finish(_decode_scaled(bits.view(n, p), 1, values, a, b, c), dtype)
 
 
 class Int2Codec(Codec):
@@ -151,5 +150,5 @@ class Int2Codec(Codec):
         a = bytes_as(ab, torch.float16, (n,)).float()
         b = bytes_as(bb, torch.float16, (c,)).float()
         lo, hi = INT2_LEVEL_LO, INT2_LEVEL_HI
-        lut = _levels([-lo, -hi, lo, hi], 2, payload.device)
-        return finish(_decode_scaled(fields.view(n, p), lut, a, b, c), dtype)
+        values = _values([-lo, -hi, lo, hi], payload.device)
+        return finish(_decode_scaled(fields.view(n, p), 2, values, a, b, c), dtype)
