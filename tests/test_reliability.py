@@ -314,7 +314,7 @@ def test_soak_short(digits_dir, tmp_path, two_ranks):
     image is bitwise the one the 2-rank spawn produced (another process, same seed and configuration)."""
     out = tmp_path / "soak"
     r = subprocess.run([str(CONSOLE), "bench", "soak", "--model", digits_dir, "--generations", "10", "--nproc", "2",
-                        "--steps", str(STEPS), "--out", str(out), "--quiet"], capture_output=True, text=True,
+                        "--steps", str(STEPS), "--study-images", "1", "--out", str(out), "--quiet"], capture_output=True, text=True,
                        timeout=240, env=dict(os.environ, OMP_NUM_THREADS="1"))
     assert r.returncode == 0, r.stderr
     rec = json.loads((out / "soak.json").read_text())

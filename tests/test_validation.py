@@ -290,8 +290,6 @@ def test_cli_one_line_exit_2(case, digits_dir, folders, capsys):
 # ---------------------------------------------------------------------------------------------- CLI, real processes
 @pytest.mark.parametrize("argv", [
     ["generate", "--steps", "0"],
-    ["generate", "--codec", "bogus"],
-    ["generate", "--nproc", "1000"],
     ["generate", "--bandwidth", "10 furlongs"],
 ], ids=lambda a: " ".join(a))
 def test_console_script_exit_2(argv):

@@ -35,11 +35,11 @@ from pathlib import Path
 from ..cli.args import Parser, UsageError
 from .quality import ledger_of, parallel_config, run_ranks
 
-STEPS = 20
-BANDWIDTHS = ("10MB/s", "100MB/s", "1GB/s", "10GB/s", "inf")
+STEPS = 10  # half the quality bench's 20, to fit make bench's budget; times scale linearly with steps
+BANDWIDTHS = ("10MB/s", "100MB/s", "1GB/s", "inf")
 LATENCIES = ("100us", "1ms")  # swept at LATENCY_BW (the bandwidth sweep uses latency 0)
 LATENCY_BW = "1GB/s"
-LATENCY_METHODS = ("patch", "ring", "ulysses", "ring+binary", "diffusers-ring")  # the latency sweep's subset
+LATENCY_METHODS = ("patch", "ring", "ring+binary", "diffusers-ring")  # the latency sweep's subset (W=4 only)
 SLOW_BW = "2MB/s"  # communication-bound point (uncompressed ring >= 95% communicating), run for a subset only
 SLOW_METHODS = ("ring", "ring+binary", "ring+int2", "diffusers-ring")
 SHAPED_METHODS = ("ring", "patch", "ring+binary")
@@ -53,8 +53,7 @@ def methods(world: int, quick: bool = False) -> list[dict]:
           dict(name="ring+binary", strategy="ring", codec="binary"),
           dict(name="ring+int2", strategy="ring", codec="int2"),
           dict(name="ring+lowrank-int4:32", strategy="ring", codec="lowrank-int4:32"),
-          dict(name="distrifusion+binary", strategy="distrifusion", codec="binary"),
-          dict(name="ulysses+binary", strategy="ulysses", codec="binary")]
+          dict(name="distrifusion+binary", strategy="distrifusion", codec="binary")]
     if world == 4:
         ms.append(dict(name="usp(2x2)", strategy="usp", codec="none", ulysses_degree=2, ring_degree=2))
     if quick:
@@ -331,7 +330,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="bench-out/latency")
     p.add_argument("--worlds", default="2,4")
     p.add_argument("--bandwidths", default=",".join(BANDWIDTHS), help="sleep-mode sweep (latency 0)")
-    p.add_argument("--latencies", default=",".join(LATENCIES), help=f"latency sweep at {LATENCY_BW}")
+    p.add_argument("--latencies", default=",".join(LATENCIES), help=f"latency sweep at {LATENCY_BW}, largest world only")
     p.add_argument("--latency-bandwidth", default=LATENCY_BW)
     p.add_argument("--slow-bandwidth", default=SLOW_BW, help="extra communication-bound point for "
                    + ", ".join(SLOW_METHODS) + " ('' to skip)")
@@ -357,6 +356,7 @@ def run(a) -> tuple[list[dict], str, list[str]]:
     for x in lats:
         _link("inf", x)
     links = [(b, "0", None) for b in bws] + [(a.latency_bandwidth, x, LATENCY_METHODS) for x in lats]
+    lat_links = [lk for lk in links if lk[1] != "0"]
     if a.slow_bandwidth:
         _link(a.slow_bandwidth, "0")
         links.insert(0, (a.slow_bandwidth, "0", SLOW_METHODS))
@@ -371,7 +371,8 @@ def run(a) -> tuple[list[dict], str, list[str]]:
         if a.methods:
             keep = {x.strip() for x in a.methods.split(",")}
             ms = [m for m in ms if m["name"] in keep]
-        plan = dict(links=links, methods=ms, steps=a.steps, warmup=a.warmup_steps, reps=a.reps, model=a.model,
+        wl = links if w == max(worlds) else [lk for lk in links if lk not in lat_links]  # latency sweep at the largest W
+        plan = dict(links=wl, methods=ms, steps=a.steps, warmup=a.warmup_steps, reps=a.reps, model=a.model,
                     peers=not a.no_peers)
         t0 = time.perf_counter()
         rows += run_ranks(latency_worker, w, plan, timeout=a.timeout)[0]
@@ -510,7 +511,8 @@ def markdown(rows, shaped, single_info, timing, a, files) -> str:
     from .plots import fmt_bytes, md_table
     single, threads = single_info
     lines = ["## Latency vs link on the bundled digits model (`bench latency`)", "",
-             f"One image (seed 0), {a.steps} steps, fp32 on CPU; ranks are gloo processes on a "
+             f"One image (seed 0), {a.steps} denoising steps (fewer than the quality bench's 20, to fit the budget; "
+             f"times scale linearly with steps), fp32 on CPU; ranks are gloo processes on a "
              f"{os.cpu_count()}-core machine, so compute does not speed up with W here (single device, best of 1 and "
              f"{os.cpu_count()} threads: {single:.2f} s/image with {threads}). Link model in **sleep mode** (each op padded up to "
              "latency + bytes/bandwidth per message, one outbound link per rank). Speed-ups next to the **byte bound** "

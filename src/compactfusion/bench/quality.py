@@ -2,10 +2,12 @@
 
 One gloo group of W workers (default 4) is spawned once; inside it every method runs on the same seeds
 (``parallelize`` / ``unparallelize`` on one loaded pipeline). Seeds are batched ``--batch`` per pipeline
-call (the codecs then code the batch as one matrix, as a batching server would), except for the low-rank
-codecs, which always run one image per call: a shared rank over a whole batch would change what they are.
-Each method is compared with single-device references drawn with the same batching (the noise of a seed
-depends on it). The references are generated in the same group (calls split over the ranks).
+call (default 16, i.e. one call per method): the codecs then code the whole batch as one matrix, as under a
+batching server. For the element-wise codecs that only widens the per-channel scale statistics; the
+low-rank codecs share their rank over the batch, which is harsher than per-request use
+(``--lowrank-batch 1`` runs them one image per call; about 4 s per image on 2 cores). Each method is
+compared with single-device references drawn with the same batching (a seed's noise depends on it). The
+references are generated in the same group (calls split over the ranks).
 
 Metrics per method, each against the single-device image of the same seed and prompt (digit = seed % 10):
 PSNR and SSIM (scikit-image, ``compactfusion.metrics``; PSNR capped at 100 dB per image, which
@@ -184,9 +186,11 @@ def _batches(seeds, batch):
     return [seeds[i:i + batch] for i in range(0, len(seeds), batch)]
 
 
-def call_size(m: dict, batch: int) -> int:
-    """Images per pipeline call for a method: whole-matrix codecs (low rank) always see one image's matrix."""
-    return 1 if m.get("codec", "none").startswith("lowrank") else batch
+def call_size(m: dict, batch: int, lowrank_batch: int | None = None) -> int:
+    """Images per pipeline call for a method (``lowrank_batch`` overrides it for the whole-matrix low-rank codecs)."""
+    if lowrank_batch is not None and m.get("codec", "none").startswith("lowrank"):
+        return lowrank_batch
+    return batch
 
 
 def quality_worker(rank, world, plan):
@@ -199,7 +203,7 @@ def quality_worker(rank, world, plan):
     pipe = load_digits_pipeline(plan.get("model"))
     pipe.set_progress_bar_config(disable=True)
     steps, seeds = plan["steps"], plan["seeds"]
-    sizes = sorted({call_size(m, plan["batch"]) for m in plan["methods"]} | {plan["batch"]})
+    sizes = sorted({call_size(m, plan["batch"], plan.get("lowrank_batch")) for m in plan["methods"]} | {plan["batch"]})
     # single-device references for every call size, calls round-robin over the ranks
     jobs = [(size, i, b) for size in sizes for i, b in enumerate(_batches(seeds, size))]
     t0 = time.perf_counter()
@@ -214,7 +218,7 @@ def quality_worker(rank, world, plan):
     ref_s_per_image = max(p[1] / max(1, p[2]) for p in parts)
     results = []
     for m in plan["methods"]:
-        size = call_size(m, plan["batch"])
+        size = call_size(m, plan["batch"], plan.get("lowrank_batch"))
         cfg = parallel_config(m, plan.get("link"), plan["warmup"])
         cf.parallelize(pipe, cfg)
         pipe.set_progress_bar_config(disable=True)
@@ -435,12 +439,15 @@ def error_curves(seqs: dict, codec: str, warmup: int = WARMUP) -> dict:
 def build_parser() -> argparse.ArgumentParser:
     p = Parser(prog="compactfusion bench quality", description=__doc__.splitlines()[0])
     p.add_argument("--out", default="bench-out/quality")
-    p.add_argument("--seeds", type=int, default=32, help="images per method (seed i draws digit i %% 10)")
+    p.add_argument("--seeds", type=int, default=16, help="images per method (seed i draws digit i %% 10); 32 does not "
+                   "fit make bench's 30-minute budget on 2 cores")
     p.add_argument("--world", type=int, default=4, help="ranks (gloo processes)")
     p.add_argument("--steps", type=int, default=STEPS)
     p.add_argument("--warmup-steps", type=int, default=WARMUP)
-    p.add_argument("--batch", type=int, default=8, help="seeds per pipeline call for all but the low-rank codecs "
-                   "(which always run one image per call); 1 = every codec sees one image's matrices")
+    p.add_argument("--batch", type=int, default=16, help="seeds per pipeline call (codecs then code the batch as one "
+                   "matrix); 1 = every codec sees one image's matrices, as in per-request serving (slow on CPU)")
+    p.add_argument("--lowrank-batch", type=int, default=None, help="seeds per call for the low-rank codecs only "
+                   "(e.g. 1: their rank is then per image, not shared by the batch)")
     p.add_argument("--codecs", default=",".join(CODECS))
     p.add_argument("--methods", default=None, help="comma list of method names to keep (default: all)")
     p.add_argument("--model", default=None, help="digits pipeline folder (default: the bundled model)")
@@ -465,7 +472,7 @@ def run(a) -> tuple[list[dict], str, list[str], dict]:
         ms = [m for m in ms if m["name"] in keep]
     seeds = list(range(a.seeds))
     plan = dict(seeds=seeds, steps=a.steps, warmup=a.warmup_steps, batch=a.batch, methods=ms, model=a.model,
-                peers=not a.no_peers)
+                peers=not a.no_peers, lowrank_batch=a.lowrank_batch)
     t0 = time.perf_counter()
     res = run_ranks(quality_worker, a.world, plan, timeout=a.timeout)[0]
     gen_s = time.perf_counter() - t0
@@ -569,10 +576,10 @@ def markdown(rows, curves, timing, a, files) -> str:
     from .plots import fmt_bytes, md_table
     lines = ["## Quality vs bytes on the bundled digits model (`bench quality`)", "",
              f"{a.seeds} seeds (digit = seed % 10), {a.steps} steps, CFG 2.5, W={a.world} gloo ranks on CPU, fp32, "
-             f"compression warmup {a.warmup_steps} step(s). Seeds are batched {a.batch} per pipeline call (the codecs then "
-             "see the batch as one matrix: per-channel scales span the batch), except the low-rank codecs, whose rank "
-             "would be shared by the whole batch: they run one image per call, against single-device references "
-             "drawn the same way (the noise depends on the batching). Fidelity is against the single-device image of the same seed (PSNR capped at 100 dB per "
+             f"compression warmup {a.warmup_steps} step(s). Seeds are batched {a.batch} per pipeline call, so the codecs "
+             "code each batch as one matrix: per-channel scales span the batch, and the low-rank codecs share their "
+             "rank over it (see the images/call column; `--lowrank-batch 1` gives per-image low rank). "
+             "References are single-device images drawn with the same batching (a seed's noise depends on it). Fidelity is against the single-device image of the same seed (PSNR capped at 100 dB per "
              "image: float-rounding differences and identical images both show 100). Bytes: sent per image per "
              "rank (ledger), fp32 wire for uncompressed tensors. FID: digits-FID (own CNN features, generated vs the "
              "1797 real digits; biased at small n, compare rows only).", ""]

@@ -15,9 +15,9 @@ Checks (all must hold, else exit code 1):
 * after ``ctx.reset()`` no state is held (0 bytes, 0 streams);
 * every generation's image is bitwise identical and finite (requests are isolated; no state leaks).
 
-Memory accounting study (skip with ``--no-state-dtype``): the same generation with the stream bases stored
-in float32 (the model's dtype), bfloat16 and float16 (``CompressionConfig(state_dtype=...)``): state
-bytes per rank and PSNR vs the single-device image.
+Memory accounting study (skip with ``--no-state-dtype``): ``--study-images`` generations (the soak's own,
+then other digits and seeds) with the stream bases stored in float32 (the model's dtype), bfloat16 and
+float16 (``CompressionConfig(state_dtype=...)``): state bytes per rank and PSNR vs the single-device images.
 
 Writes results.json / results.csv / results.md (rows: one per generation and rank, then the study rows)
 and soak.json (everything, including the checks) to ``--out``.
@@ -35,7 +35,7 @@ from pathlib import Path
 from ..cli.args import Parser, UsageError
 
 ROW_KEYS = ("kind", "generation", "rank", "rss_mb", "state_bytes", "streams", "bytes_sent", "wall_s", "image_sha",
-            "finite", "state_dtype", "psnr_vs_single_device_db", "max_abs_diff")
+            "finite", "state_dtype", "images", "psnr_vs_single_device_db", "psnr_min_db", "max_abs_diff")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -55,6 +55,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-growth", type=float, default=0.05, help="allowed RSS growth after warm-up (fraction)")
     p.add_argument("--timeout", type=float, default=60.0)
     p.add_argument("--no-state-dtype", action="store_true", help="skip the state_dtype memory/fidelity study")
+    p.add_argument("--study-images", type=int, default=4, help="images (digits/seeds) per state dtype in the study")
     p.add_argument("--quiet", action="store_true")
     # what cli.generate.launch reads (single node)
     p.set_defaults(nnodes=1, node_rank=None, rdzv_endpoint=None, rdzv_backend="c10d", rdzv_id=None)
@@ -66,6 +67,8 @@ def _validate(a) -> None:
     from ..parallel import ParallelConfig
     from ..residual import CompressionConfig
 
+    if a.study_images < 1:
+        raise UsageError(f"--study-images must be >= 1, got {a.study_images}")
     if a.generations < 1:
         raise UsageError(f"--generations must be >= 1, got {a.generations}")
     if not 1 <= a.nproc <= MAX_LOCAL_PROCS:
@@ -138,6 +141,7 @@ def _soak_rank(a) -> int:
 
     from .. import api as cf
     from ..metrics import finite_psnr, psnr
+    from ..models.digits import parse_label
     from ..models.loading import call_kwargs, load_pipeline
     from ..parallel import ParallelConfig
     from ..residual import CompressionConfig
@@ -150,9 +154,14 @@ def _soak_rank(a) -> int:
         pipe = load_pipeline(a.model, torch.float32, torch.device("cpu"))
         pipe.set_progress_bar_config(disable=True)
 
-        def kwargs():
-            return call_kwargs(pipe, a.prompt, a.steps, a.seed)
-        ref = pipe(**kwargs()).images  # the single-device image (for the fidelity columns)
+        def kwargs(prompt=a.prompt, seed=a.seed):
+            return call_kwargs(pipe, prompt, a.steps, seed)
+        # study images: the soak's own call first, then other digits and seeds
+        label = parse_label(a.prompt)
+        calls = [(str((label + i) % 10), a.seed + i) for i in range(0 if a.no_state_dtype else a.study_images)]
+        calls[:1] = [(a.prompt, a.seed)]
+        refs = [pipe(**kwargs(p, sd)).images for p, sd in calls]  # single-device images (fidelity columns)
+        ref = refs[0]
         comp = CompressionConfig(codec=a.codec, warmup_steps=a.warmup_steps)
         cfg = ParallelConfig(strategy=a.strategy, compression=comp, timeout_s=a.timeout)
         cf.parallelize(pipe, cfg)
@@ -186,13 +195,15 @@ def _soak_rank(a) -> int:
                 cf.unparallelize(pipe)
                 cf.parallelize(pipe, replace(cfg, compression=replace(comp, state_dtype=sd)))
                 pipe.set_progress_bar_config(disable=True)
-                img = pipe(**kwargs()).images
+                imgs = [pipe(**kwargs(p, seed)).images for p, seed in calls]
                 st = cf.stats(pipe)
+                psnrs = [finite_psnr(psnr(r, x)) for r, x in zip(refs, imgs)]
                 study.append(dict(kind="state_dtype", rank=rank, state_dtype=sd or "float32 (model dtype)",
                                   state_bytes=int(st["state_bytes"]), streams=int(st.get("streams", -1)),
-                                  finite=bool(np.isfinite(img).all()), image_sha=_image_sha(img),
-                                  psnr_vs_single_device_db=round(finite_psnr(psnr(ref, img)), 3),
-                                  max_abs_diff=float(np.abs(ref - img).max())))
+                                  finite=all(bool(np.isfinite(x).all()) for x in imgs), image_sha=_image_sha(imgs[0]),
+                                  images=len(imgs), psnr_vs_single_device_db=round(float(np.mean(psnrs)), 3),
+                                  psnr_min_db=round(float(min(psnrs)), 3),
+                                  max_abs_diff=float(max(np.abs(r - x).max() for r, x in zip(refs, imgs)))))
         gathered = [None] * world
         dist.all_gather_object(gathered, dict(rows=rows, freed=freed, study=study, pid=os.getpid()))
         if rank == 0:
@@ -278,12 +289,21 @@ def markdown(record: dict) -> str:
     study = record.get("state_dtype_study") or []
     if study:
         lines += ["", "State storage dtype (`CompressionConfig(state_dtype=...)`), fp32 model: residual-state bytes "
-                  "held per rank and fidelity vs the single-device image.", "",
-                  "| state dtype | rank | state bytes | streams | PSNR vs single device (dB) | max abs diff |",
-                  "|---|---|---|---|---|---|"]
-        for s in sorted(study, key=lambda s: (s["state_dtype"] != "float32 (model dtype)", s["state_dtype"], s["rank"])):
-            lines.append(f"| {s['state_dtype']} | {s['rank']} | {s['state_bytes']:,} | {s['streams']} | "
-                         f"{s['psnr_vs_single_device_db']:.2f} | {s['max_abs_diff']:.2e} |")
+                  "held per rank after a generation, and fidelity of that generation vs the single-device image "
+                  "(identical on every rank).", "",
+                  "| state dtype | state bytes per rank | streams | images | mean PSNR vs single device (dB) | "
+                  "min PSNR (dB) | max abs diff |",
+                  "|---|---|---|---|---|---|---|"]
+        by_dtype: dict = {}
+        for x in sorted(study, key=lambda x: x["rank"]):
+            by_dtype.setdefault(x["state_dtype"], []).append(x)
+        for sd, xs in by_dtype.items():
+            sizes = sorted({x["state_bytes"] for x in xs})
+            size = f"{sizes[0]:,}" if len(sizes) == 1 else " / ".join(f"{x['state_bytes']:,}" for x in xs)
+            psnrs = sorted({x["psnr_vs_single_device_db"] for x in xs})
+            lines.append(f"| {sd} | {size} | {xs[0]['streams']} | {xs[0]['images']} | "
+                         f"{' / '.join(f'{p:.2f}' for p in psnrs)} | {min(x['psnr_min_db'] for x in xs):.2f} | "
+                         f"{max(x['max_abs_diff'] for x in xs):.2e} |")
     return "\n".join(lines) + "\n"
 
 

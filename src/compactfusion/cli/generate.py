@@ -266,6 +266,8 @@ def _report_failure(e, errdir: str) -> int:
     reason = _failure_reason(rank, failure, errdir).splitlines()[0]
     if failure.exitcode == PEER_FAILURE_EXIT:
         reason += " (it stopped because a peer failed or stalled)"
+    elif Path(errdir, f"rank{rank:04d}.fail").is_file() and not os.environ.get("COMPACTFUSION_DEBUG"):
+        reason += " (COMPACTFUSION_DEBUG=1 prints the traceback)"
     print(f"compactfusion: error: rank {rank} failed: {reason}; the other ranks were stopped", file=sys.stderr)
     return 1
 
@@ -334,4 +336,7 @@ def worker(args: dict, errdir: str | None, body=None) -> int:
         sys.exit(PEER_FAILURE_EXIT)
     except Exception as e:
         note("fail", f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
+        if errdir and os.environ.get("COMPACTFUSION_DEBUG"):
+            import traceback
+            traceback.print_exc()
         raise
