@@ -90,6 +90,8 @@ def headline(out: Path) -> str:
         head = ["method", "PSNR vs 1 device (digits)", "bytes/image/rank (digits)"]
         if slow:
             head.append(f"s/image at {slow['bandwidth']}, W={w} (speed-up vs ring)")
+        if lw:
+            head.append(f"s/image, unlimited link, W={w}")
         head += ["FLUX.1-dev 1024² bytes/image/rank, W=4 (projected)", "FLUX predicted s/image at 1000 MB/s"]
         body = []
         for key, label in names:
@@ -99,6 +101,9 @@ def headline(out: Path) -> str:
             if slow:
                 m = next((x for x in lw if x["method"] == key and x["bandwidth"] == slow["bandwidth"]), None)
                 cells.append("-" if not m else f"{m['wall_s']:.2f} ({m.get('speedup_vs_ring', 1):.1f}x)")
+            if lw:
+                m = next((x for x in lw if x["method"] == key and x["bandwidth"] == "inf"), None)
+                cells.append("-" if not m else f"{m['wall_s']:.2f}")
             strategy, codec = (key.split("+") + ["none"])[:2] if "+" in key else (key, "none")
             p = flux.get((strategy, codec))
             cells += ["-" if not p else f"{p['bytes_per_image'] / 1e9:.2f} GB ({p['compression_ratio']:.1f}x)",
