@@ -360,11 +360,6 @@ def published_rows() -> list[dict]:
 
 
 # -- checks and report ---------------------------------------------------------------------------------
-def flux_binary_formula(n: int, c: int) -> int:
-    """Reference 1-bit wire size (section 4.1): bits + token scale + channel scale, fp16."""
-    return n * c // 8 + 2 * (n + c)
-
-
 def headline_checks(rows: list[dict]) -> list[dict]:
     """The FLUX-scale claims: binary <= 1/15 of ring per step after warmup, >= 10x fewer bytes per image."""
     def find(model, strategy, codec, w):

@@ -25,7 +25,6 @@ grid of methods x seeds.
 from __future__ import annotations
 
 import argparse
-import math
 import os
 import pickle
 import sys
