@@ -133,3 +133,23 @@ def markdown_table(rows: Sequence[dict[str, Any]], columns: Sequence[tuple[str, 
     sep = "|" + "|".join("---" for _ in columns) + "|"
     body = ["| " + " | ".join(fmt(r.get(k)) for k, _ in columns) + " |" for r in rows]
     return "\n".join([head, sep, *body]) + "\n"
+
+
+def check_codec_specs(codecs) -> None:
+    """Fail fast on an unknown codec spec (ValueError -> one-line usage error); "none" means uncompressed."""
+    from ..codecs import get_codec
+    for c in codecs:
+        if c != "none":
+            get_codec(c)
+
+
+def parse_worlds(text: str) -> list[int]:
+    """``--worlds 2,4`` -> [2, 4]; every size must be >= 2."""
+    from ..cli.args import UsageError
+    try:
+        worlds = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise UsageError(f"--worlds must be a comma list of integers, got {text!r}") from None
+    if not worlds or any(w < 2 for w in worlds):
+        raise UsageError(f"--worlds must list sizes >= 2, got {text!r}")
+    return worlds

@@ -203,19 +203,12 @@ def _write(out: Path, rows: list[dict], md: str, json_path: str | None, meta: di
 
 def main(argv=None) -> int:
     a = build_parser().parse_args(argv)
-    from ..codecs import get_codec
     from ..comm.link import parse_latency
+    from ._common import check_codec_specs, parse_worlds
     strategies = _split(a.strategies, STRATEGIES, "strategies")
     codecs = _split(a.codecs, None, "codecs") if a.codecs else list(QUICK_CODECS if a.quick else CODECS)
-    for c in codecs:
-        if c != "none":
-            get_codec(c)  # ValueError for an unknown spec -> one-line usage error
-    try:
-        worlds = [int(x) for x in a.worlds.split(",") if x.strip()]
-    except ValueError:
-        raise UsageError(f"--worlds must be a comma list of integers, got {a.worlds!r}") from None
-    if not worlds or any(w < 2 for w in worlds):
-        raise UsageError(f"--worlds must list sizes >= 2, got {a.worlds!r}")
+    check_codec_specs(codecs)
+    worlds = parse_worlds(a.worlds)
     latency_s = parse_latency(a.latency)
     plan = {"tokens": a.tokens or (256 if a.quick else 1024), "heads": a.heads, "head_dim": a.head_dim,
             "layers": a.layers or (2 if a.quick else 4), "steps": a.steps or (5 if a.quick else 10),

@@ -524,16 +524,9 @@ def main(argv=None) -> int:
     models = _split(a.models, MODELS, "models")
     strategies = _split(a.strategies, STRATEGIES, "strategies")
     codecs = [c.strip() for c in a.codecs.split(",") if c.strip()]
-    for c in codecs:
-        if c != "none":
-            from ..codecs import get_codec
-            get_codec(c)  # ValueError for an unknown spec -> one-line usage error
-    try:
-        worlds = [int(x) for x in a.worlds.split(",") if x.strip()]
-    except ValueError:
-        raise UsageError(f"--worlds must be a comma list of integers, got {a.worlds!r}") from None
-    if not worlds or any(w < 2 for w in worlds):
-        raise UsageError(f"--worlds must list sizes >= 2, got {a.worlds!r}")
+    from ._common import check_codec_specs, parse_worlds
+    check_codec_specs(codecs)
+    worlds = parse_worlds(a.worlds)
     if a.warmup_steps is not None and a.warmup_steps < 0:
         raise UsageError(f"--warmup-steps must be >= 0, got {a.warmup_steps}")
     step_times = {}
