@@ -3,8 +3,8 @@ import numpy as np
 import pytest
 import torch
 
-from compactfusion.models.digits import load_digits_pipeline, pack, parse_label, unpack
-from compactfusion.models.digits_data import digit_accuracy
+from compactfusion.bundled.digits import load_digits_pipeline, pack, parse_label, unpack
+from compactfusion.bundled.digits_data import digit_accuracy
 
 
 @pytest.fixture(scope="module")

@@ -19,7 +19,7 @@ SIZES = {"flux": (36, 38), "sd3": (13, 14), "pixart": (16, 24)}  # PixArt needs 
 def _exactness_worker(rank, world, plans):
     import torch
     import compactfusion as cf
-    from compactfusion.models.tiny import TINY, tiny_call_kwargs
+    from compactfusion.testing.tiny import TINY, tiny_call_kwargs
 
     results = []
     for family, strategy, kwargs in plans:
@@ -64,7 +64,7 @@ def _compressed_worker(rank, world):
     import compactfusion as cf
     from compactfusion.codecs import get_codec
     from compactfusion.metrics import psnr
-    from compactfusion.models.tiny import TINY, tiny_call_kwargs
+    from compactfusion.testing.tiny import TINY, tiny_call_kwargs
 
     out = []
     pipe = TINY["flux"]()

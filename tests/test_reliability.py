@@ -26,7 +26,7 @@ STEPS = 4
 
 @pytest.fixture(scope="module")
 def digits_dir(tmp_path_factory):
-    from compactfusion.models.digits import build_digits_pipeline, save_digits_pipeline
+    from compactfusion.bundled.digits import build_digits_pipeline, save_digits_pipeline
     d = tmp_path_factory.mktemp("digits")
     save_digits_pipeline(build_digits_pipeline(0), d)
     return str(d)
@@ -38,7 +38,7 @@ def _two_rank_checks(rank, world, digits_dir):
 
     import compactfusion as cf
     from compactfusion.bench.soak import _image_sha
-    from compactfusion.models.loading import call_kwargs, load_pipeline
+    from compactfusion.loading import call_kwargs, load_pipeline
     from compactfusion.parallel import ConfigMismatchError, ConsistencyError
 
     def load():
@@ -201,7 +201,7 @@ def _four_rank_exact(rank, world, digits_dir):
     import torch
 
     import compactfusion as cf
-    from compactfusion.models.loading import call_kwargs, load_pipeline
+    from compactfusion.loading import call_kwargs, load_pipeline
     pipe = load_pipeline(digits_dir, torch.float32, torch.device("cpu"))
     pipe.set_progress_bar_config(disable=True)
     ref = pipe(**call_kwargs(pipe, "7", STEPS, 0)).images

@@ -23,7 +23,7 @@ CONSOLE = ROOT / ".venv" / "bin" / "compactfusion"
 @pytest.fixture(scope="module")
 def digits_dir(tmp_path_factory):
     """An untrained digits pipeline saved to disk (the bundled architecture; no training needed)."""
-    from compactfusion.models.digits import build_digits_pipeline, save_digits_pipeline
+    from compactfusion.bundled.digits import build_digits_pipeline, save_digits_pipeline
     d = tmp_path_factory.mktemp("digits")
     save_digits_pipeline(build_digits_pipeline(0), d)
     return str(d)
@@ -58,7 +58,7 @@ def _tiny_unet_pipeline():
 
 
 def _digits():
-    from compactfusion.models.digits import build_digits_pipeline
+    from compactfusion.bundled.digits import build_digits_pipeline
     pipe = build_digits_pipeline(0)
     pipe.set_progress_bar_config(disable=True)
     return pipe

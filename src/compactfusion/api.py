@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import torch.distributed as dist
 
-from .models.adapters import adapter_for
-from .models.runtime import PipelineRuntime, install_pipeline_class
+from .integrations.diffusers.plans import adapter_for
+from .integrations.diffusers.runtime import PipelineRuntime, install_pipeline_class
 from .parallel import ParallelConfig, ParallelContext
 
 

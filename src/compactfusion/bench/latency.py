@@ -88,7 +88,7 @@ def latency_worker(rank, world, plan):
     import torch.distributed as dist
 
     import compactfusion as cf
-    from ..models.digits import load_digits_pipeline
+    from ..bundled.digits import load_digits_pipeline
 
     pipe = load_digits_pipeline(plan.get("model"))
     pipe.set_progress_bar_config(disable=True)
@@ -162,7 +162,7 @@ def single_device_s(model, steps: int, reps: int = 2) -> tuple[float, int]:
     """Best single-process time per image over 1 thread and all cores (oversubscribed OpenMP can be slower)."""
     import torch
 
-    from ..models.digits import load_digits_pipeline
+    from ..bundled.digits import load_digits_pipeline
     pipe = load_digits_pipeline(model)
     pipe.set_progress_bar_config(disable=True)
     best = (math.inf, 1)
@@ -267,7 +267,7 @@ def _shaped_worker_main() -> None:
     import torch.distributed as dist
 
     import compactfusion as cf
-    from ..models.digits import load_digits_pipeline
+    from ..bundled.digits import load_digits_pipeline
 
     plan = json.loads(os.environ["CF_SHAPED_PLAN"])
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // plan["world"]))

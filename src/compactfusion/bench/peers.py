@@ -168,7 +168,7 @@ def peer_runs(rank: int, world: int, plan: dict, run_one) -> list[dict]:
     """
     import logging
 
-    from ..models.digits import load_digits_pipeline
+    from ..bundled.digits import load_digits_pipeline
 
     apply_cpu_workarounds()
     logging.getLogger("diffusers.models.modeling_utils").setLevel(logging.ERROR)

@@ -197,7 +197,7 @@ def quality_worker(rank, world, plan):
     import torch.distributed as dist
 
     import compactfusion as cf
-    from ..models.digits import load_digits_pipeline
+    from ..bundled.digits import load_digits_pipeline
 
     pipe = load_digits_pipeline(plan.get("model"))
     pipe.set_progress_bar_config(disable=True)
@@ -276,7 +276,7 @@ def digits_feature_net(seed: int = 0, epochs: int = 6, features: int = 32):
     import torch.nn as nn
     import torch.nn.functional as F
 
-    from ..models.digits_data import load_digits_tensors
+    from ..bundled.digits_data import load_digits_tensors
 
     class Net(nn.Module):
         def __init__(self):
@@ -345,7 +345,7 @@ def _ms_ssim(refs: np.ndarray, imgs: np.ndarray) -> float:
 
 def image_metrics(refs: np.ndarray, imgs: np.ndarray, labels, clf, fid: DigitsFID) -> dict:
     from ..metrics import psnr, ssim
-    from ..models.digits_data import digit_accuracy
+    from ..bundled.digits_data import digit_accuracy
     p = [min(PSNR_CAP, psnr(r, x)) for r, x in zip(refs, imgs)]
     return {"psnr": float(np.mean(p)), "psnr_min": float(np.min(p)),
             "ssim": float(np.mean([ssim(r, x) for r, x in zip(refs, imgs)])),
@@ -475,8 +475,8 @@ def run(a) -> tuple[list[dict], str, list[str], dict]:
     res = run_ranks(quality_worker, a.world, plan, timeout=a.timeout)[0]
     gen_s = time.perf_counter() - t0
 
-    from ..models.digits import load_digits_pipeline
-    from ..models.digits_data import train_digit_classifier
+    from ..bundled.digits import load_digits_pipeline
+    from ..bundled.digits_data import train_digit_classifier
     t1 = time.perf_counter()
     clf, net = train_digit_classifier(), digits_feature_net()
     fid = DigitsFID(net)

@@ -92,7 +92,7 @@ def _validate(a) -> None:
         from ..cli.generate import BUNDLED_MARKER
         if not BUNDLED_MARKER.is_file():
             raise UsageError("the bundled digits model is not installed; pass --model DIR (a digits folder)")
-    from ..models.digits import parse_label
+    from ..bundled.digits import parse_label
     parse_label(a.prompt)
     cfg = ParallelConfig(strategy=a.strategy, timeout_s=a.timeout,
                          compression=CompressionConfig(codec=a.codec, warmup_steps=a.warmup_steps))
@@ -141,8 +141,8 @@ def _soak_rank(a) -> int:
 
     from .. import api as cf
     from ..metrics import finite_psnr, psnr
-    from ..models.digits import parse_label
-    from ..models.loading import call_kwargs, load_pipeline
+    from ..bundled.digits import parse_label
+    from ..loading import call_kwargs, load_pipeline
     from ..parallel import ParallelConfig
     from ..residual import CompressionConfig
 

@@ -26,7 +26,7 @@ PEER_FAILURE_EXIT = 3
 #: How long such a rank waits before exiting, so that the launcher (polling every 0.1 s) sees the rank that
 #: failed first and reports it; the launcher terminates the waiting rank meanwhile.
 PEER_FAILURE_GRACE_S = 2.0
-BUNDLED_MARKER = Path(__file__).resolve().parent.parent / "assets" / "digits" / "digits_pipeline.json"
+BUNDLED_MARKER = Path(__file__).resolve().parent.parent / "bundled" / "assets" / "digits" / "digits_pipeline.json"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -134,7 +134,7 @@ def check_model_args(a, cfg, world: int) -> None:
         if a.model is None and not BUNDLED_MARKER.is_file():
             raise UsageError("the bundled digits model is not installed; pass --model DIR (a diffusers or digits "
                              "folder) or create it with `compactfusion train-digits --out DIR`")
-        from ..models.digits import IMAGE_SIZE, PACK, parse_label
+        from ..bundled.digits import IMAGE_SIZE, PACK, parse_label
         try:
             parse_label(a.prompt)
         except (TypeError, ValueError) as e:

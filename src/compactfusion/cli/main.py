@@ -50,7 +50,7 @@ def main(argv=None) -> int:
         from .generate import main as generate_main
         return run_guarded(generate_main, rest)
     if cmd == "train-digits":
-        from ..models.digits_train import main as train_main
+        from ..bundled.digits_train import main as train_main
         return run_guarded(train_main, rest)
     if cmd == "bench":
         if not rest or rest[0] not in BENCHES:

@@ -43,7 +43,7 @@ def _to_pil(arr: np.ndarray):
 def run_worker(a) -> int:
     from ..api import parallelize, stats, unparallelize
     from ..metrics import finite_psnr, psnr, ssim
-    from ..models.loading import call_kwargs, load_pipeline, spatial_factor
+    from ..loading import call_kwargs, load_pipeline, spatial_factor
 
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))

@@ -13,9 +13,9 @@ import types
 
 import torch
 
-from ..parallel.errors import ConfigMismatchError
-from .adapters import ModelAdapter
-from .interception import AttentionRouter
+from ...parallel.errors import ConfigMismatchError
+from .plans import ModelAdapter
+from .router import AttentionRouter
 
 #: Test-only hooks, inert unless set (documented in docs/reliability.md). ``COMPACTFUSION_TEST_STEP_FILE``:
 #: each denoising step writes "PID STEP" to this path ("{rank}" in it is replaced by the global rank;

@@ -19,7 +19,7 @@ from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.utils import BaseOutput
 from PIL import Image
 
-BUNDLED_DIR = Path(__file__).resolve().parent.parent / "assets" / "digits"
+BUNDLED_DIR = Path(__file__).resolve().parent / "assets" / "digits"
 NUM_CLASSES = 10
 NULL_CLASS = NUM_CLASSES  # the label used for the unconditional branch of classifier-free guidance
 IMAGE_SIZE = 32

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import torch
 
-from .digits import DigitsPipeline, is_digits_folder, load_digits_pipeline
+from .bundled.digits import DigitsPipeline, is_digits_folder, load_digits_pipeline
 
 
 def load_pipeline(model: str | None, dtype: torch.dtype, device: torch.device):

@@ -1,0 +1,1 @@
+"""Models bundled with compactfusion (the digits model), outside the library core."""

@@ -1,0 +1,1 @@
+"""Test fixtures: tiny random-weight diffusers pipelines built offline."""
