@@ -12,7 +12,8 @@ Per step t, with base b = x̂_{t-1} and, for order 2, the last reconstructed ste
   order 2: p = b + γ Δ̂_{t-1}; send C(x_t - p);    x̂_t = p + D(C(x_t - p)),  Δ̂_t = x̂_t - b
 With error feedback both sides set b := x̂_t. Without it (order 1 ablation) the sender keeps b := x_t, so
 x_t - x̂_t becomes the sum of all past coding errors. Warmup (and "none") steps send x_t losslessly and
-set b := x_t on both sides.
+set b := x_t on both sides; with ``warmup_codec`` (e.g. "int8") warmup steps are coded like any other step
+(step 0 sends C(x_0) against a zero prediction), so error feedback runs from step 0.
 
 Non-finite policy: NaN/Inf entries of x are replaced by the stream's prediction before coding (so a
 cache is never poisoned) and counted per stream; with ``on_nonfinite="raise"`` a ``NonFiniteError`` is
@@ -26,7 +27,7 @@ from typing import Hashable
 import torch
 
 from ..codecs import CodecState, get_codec
-from .config import NONE, WARMUP, CompressionConfig
+from .config import AUTO, NONE, WARMUP, CompressionConfig
 
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -39,6 +40,7 @@ class NonFiniteError(ValueError):
 class StreamState:
     base: torch.Tensor | None = None   # x̂_{t-1}, stored in the state dtype
     delta: torch.Tensor | None = None  # Δ̂_{t-1} (order 2 only)
+    gamma: float | None = None  # order 2 with delta_decay="auto": gamma estimated from Δ̂_{t-1}, Δ̂_{t-2}
     last_step: int = -1
     codec_state: CodecState = field(default_factory=CodecState)  # sender-only scratch (low-rank warm start)
     sends: int = 0
@@ -117,7 +119,9 @@ class _Coder:
             return torch.zeros(like.shape, dtype=torch.float32, device=like.device)
         pred = st.base.float()
         if cfg.residual_order == 2 and st.delta is not None:
-            pred = pred + cfg.delta_decay * st.delta.float()
+            gamma = cfg.delta_decay if cfg.delta_decay != AUTO else st.gamma
+            if gamma:  # auto: no estimate before two reconstructed deltas exist
+                pred = pred + gamma * st.delta.float()
         return pred
 
     def _store(self, st: StreamState, x_hat32: torch.Tensor, state_dtype: torch.dtype) -> None:
@@ -125,18 +129,22 @@ class _Coder:
         fin = torch.finfo(state_dtype)
         new_base = x_hat32.clamp(fin.min, fin.max).nan_to_num(0.0).to(state_dtype)
         if self.config.residual_order == 2:
-            st.delta = None if st.base is None else (new_base.float() - st.base.float()).to(state_dtype)
+            new_delta = None if st.base is None else (new_base.float() - st.base.float()).to(state_dtype)
+            if self.config.delta_decay == AUTO and new_delta is not None and st.delta is not None:
+                st.gamma = auto_gamma(new_delta, st.delta)
+            st.delta = new_delta
         if self.config.residual_order > 0:
             st.base = new_base
 
     def _reconstruct(self, st: StreamState, spec: str, payload: torch.Tensor, shape, dtype, state_dtype,
                      true_x: torch.Tensor | None = None) -> torch.Tensor:
         """Identical on sender and receiver: decode, add the prediction, update the state. Returns x̂_t."""
-        if spec in (WARMUP, NONE):
-            x_hat32 = get_codec(f"raw:{str(dtype).removeprefix('torch.')}").decode(payload, shape, dtype).float()
-        else:
+        wire = self.config.wire_spec(spec, dtype)
+        if _lossless_raw(spec, self.config):
+            x_hat32 = self._codec(wire).decode(payload, shape, dtype).float()
+        else:  # coded steps, and warmup steps with a lossy warmup_codec (prediction 0 on a fresh stream)
             pred = self._prediction(st, payload.new_empty(shape, dtype=torch.float32))
-            x_hat32 = pred + self._codec(spec).decode(payload, shape, torch.float32)
+            x_hat32 = pred + self._codec(wire).decode(payload, shape, torch.float32)
         self._store(st, x_hat32, state_dtype)
         if true_x is not None and self.config.residual_order == 1 and not self.config.error_feedback:
             st.base = true_x.to(state_dtype)  # the drifting ablation: the sender forgets its coding error
@@ -182,11 +190,12 @@ class ResidualEncoder(_Coder):
             x = torch.where(torch.isfinite(x), x, fallback.to(x.dtype))
             # an Inf-free x may still overflow a low-precision dtype; nan_to_num keeps it finite
             x = x.nan_to_num(0.0, torch.finfo(x.dtype).max, torch.finfo(x.dtype).min)
-        if spec in (WARMUP, NONE):
-            payload = get_codec(f"raw:{str(x.dtype).removeprefix('torch.')}").encode(x)
+        wire = self.config.wire_spec(spec, x.dtype)
+        if _lossless_raw(spec, self.config):
+            payload = self._codec(wire).encode(x)
         else:
             residual = x.float() - self._prediction(st, x)
-            payload = self._codec(spec).encode(residual, state=st.codec_state)
+            payload = self._codec(wire).encode(residual, state=st.codec_state)
         x_hat = self._reconstruct(st, spec, payload, tuple(x.shape), x.dtype, state_dtype, true_x=x)
         st.last_step = step
         return payload, x_hat
@@ -213,14 +222,30 @@ class ResidualDecoder(_Coder):
         return x_hat
 
     def expected_nbytes(self, spec: str, shape, dtype: torch.dtype) -> int:
-        if spec in (WARMUP, NONE):
-            return shape[0] * shape[1] * torch.empty((), dtype=dtype).element_size()
-        return self._codec(spec).encoded_nbytes(*shape)
+        return self._codec(self.config.wire_spec(spec, dtype)).encoded_nbytes(*shape)
+
+
+def _lossless_raw(spec: str, config: CompressionConfig) -> bool:
+    """Plan results sent as the raw tensor (not as a residual): "none", and "warmup" without a warmup_codec."""
+    return spec == NONE or (spec == WARMUP and config.warmup_codec is None)
+
+
+def auto_gamma(delta: torch.Tensor, prev: torch.Tensor) -> float:
+    """Least-squares gamma of ``delta`` on ``prev``, clamped to [0, 1] and rounded to a multiple of 1/1024.
+
+    Both sides call this on bitwise-identical tensors. The dot products run in float64, whose reduction
+    order may differ with the thread count by ~1e-16 relative; rounding to the 1/1024 grid makes the two
+    sides' gammas identical unless a value lands within ~1e-13 of a grid midpoint.
+    """
+    d, p = delta.double().reshape(-1), prev.double().reshape(-1)
+    den = float(torch.dot(p, p))
+    if not den > 0.0:
+        return 0.0
+    g = min(1.0, max(0.0, float(torch.dot(d, p)) / den))
+    return round(g * 1024) / 1024
 
 
 def payload_nbytes(config: CompressionConfig, layer: int, step: int, shape, dtype: torch.dtype) -> int:
     """Bytes a stream of ``shape``/``dtype`` sends at (layer, step) — known to every rank without communication."""
     spec = config.spec_for(layer, step)
-    if spec in (WARMUP, NONE):
-        return shape[0] * shape[1] * torch.empty((), dtype=dtype).element_size()
-    return get_codec(spec).encoded_nbytes(*shape)
+    return get_codec(config.wire_spec(spec, dtype)).encoded_nbytes(*shape)

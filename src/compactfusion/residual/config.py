@@ -21,6 +21,8 @@ PRESETS = ("none", "binary", "int2", "int4", "int8", "lowrank:8", "lowrank-int4:
 _ORDERS = (0, 1, 2)
 _STATE_DTYPES = (None, "float32", "float16", "bfloat16")
 _NONFINITE = ("sanitize", "raise")
+#: ``delta_decay`` value asking for the per-stream closed-loop estimate of gamma.
+AUTO = "auto"
 
 
 def _check_spec(spec: str, what: str) -> None:
@@ -42,8 +44,14 @@ class CompressionConfig:
         extrapolation base + delta_decay * (last reconstructed step delta).
     error_feedback: both sides set base := reconstruction, so the previous step's coding error is re-sent in
         the next residual and never accumulates. Off (order 1 only) is the drifting ablation.
-    warmup_steps: the first steps send full precision and initialise state on both sides.
-    delta_decay: gamma of order 2.
+    warmup_steps: the first steps initialise state on both sides; by default they send full precision.
+    warmup_codec: None (default) sends warmup steps losslessly in the activation dtype. A codec spec (e.g.
+        "int8", "int4") codes them lossily *with error feedback from step 0*: step 0 sends C(x_0) and both
+        sides set base := D(C(x_0)); later warmup steps send C(x_t - prediction) like coded steps, so the
+        warmup coding error is re-sent by the next step instead of persisting.
+    delta_decay: gamma of order 2, a number in [0, 1], or "auto": each stream re-estimates gamma every step
+        from its own reconstructed deltas (least squares of Δ̂_{t-1} on Δ̂_{t-2}, clamped to [0, 1]); both
+        sides hold the same deltas, so they compute the same gamma without extra bytes.
     plan: optional callable (layer, step) -> codec spec | "warmup" | "none" overriding the uniform schedule.
         It must be deterministic and identical on every rank.
     tensors: which attention tensors are compressed ("q", "k", "v", "o"); None = the strategy's default
@@ -58,11 +66,12 @@ class CompressionConfig:
     residual_order: int = 1
     error_feedback: bool = True
     warmup_steps: int = 1
-    delta_decay: float = 0.5
+    delta_decay: Union[float, str] = 0.5
     plan: Union[PlanFn, None] = field(default=None, compare=False)
     tensors: Union[tuple, None] = None
     state_dtype: Union[str, None] = None
     on_nonfinite: str = "sanitize"
+    warmup_codec: Union[str, None] = None
 
     def __post_init__(self):
         if not isinstance(self.codec, str):
@@ -74,8 +83,17 @@ class CompressionConfig:
             raise TypeError(f"error_feedback must be True or False, got {self.error_feedback!r}")
         if isinstance(self.warmup_steps, bool) or not isinstance(self.warmup_steps, int) or self.warmup_steps < 0:
             raise ValueError(f"warmup_steps must be an integer >= 0, got {self.warmup_steps!r}")
-        if isinstance(self.delta_decay, bool) or not isinstance(self.delta_decay, (int, float)) or not 0.0 <= self.delta_decay <= 1.0:
-            raise ValueError(f"delta_decay must be a number in [0, 1], got {self.delta_decay!r}")
+        if self.delta_decay != AUTO and (isinstance(self.delta_decay, bool) or not isinstance(self.delta_decay, (int, float))
+                                         or not 0.0 <= self.delta_decay <= 1.0):
+            raise ValueError(f"delta_decay must be a number in [0, 1] or 'auto', got {self.delta_decay!r}")
+        if self.warmup_codec is not None:
+            if not isinstance(self.warmup_codec, str):
+                raise TypeError(f"warmup_codec must be None (lossless warmup) or a codec spec such as 'int8', got "
+                                f"{type(self.warmup_codec).__name__}")
+            if self.warmup_codec in (WARMUP, NONE):
+                raise ValueError(f"warmup_codec must be None (lossless warmup) or a codec spec such as 'int8', got "
+                                 f"{self.warmup_codec!r}")
+            _check_spec(self.warmup_codec, "CompressionConfig.warmup_codec")
         if self.residual_order == 0 and self.error_feedback and self.compresses:
             raise ValueError("error_feedback needs a residual (residual_order 1 or 2); with residual_order=0 set "
                              "error_feedback=False")
@@ -106,6 +124,14 @@ class CompressionConfig:
             raise ValueError(f"unknown compression preset {name!r}; choose one of {', '.join(PRESETS)}")
         return cls(codec=name, warmup_steps=warmup_steps, **kw)
 
+    def wire_spec(self, spec: str, dtype) -> str:
+        """The codec that carries a plan result on the wire (warmup/none: lossless raw unless warmup_codec)."""
+        if spec == WARMUP and self.warmup_codec is not None:
+            return self.warmup_codec
+        if spec in (WARMUP, NONE):
+            return f"raw:{str(dtype).removeprefix('torch.')}"
+        return spec
+
     def spec_for(self, layer: int, step: int) -> str:
         """The plan: codec spec, "warmup" or "none" for this (layer, step). Identical on every rank."""
         if step < self.warmup_steps:
@@ -122,13 +148,16 @@ class CompressionConfig:
         """A stable digest of the configuration (custom plans are sampled on a grid) for the start-up agreement check."""
         items = [self.codec, self.residual_order, self.error_feedback, self.warmup_steps, self.delta_decay,
                  self.tensors, self.state_dtype, self.on_nonfinite]
+        if self.warmup_codec is not None:  # appended only when set: default fingerprints are unchanged
+            items.append(("warmup_codec", self.warmup_codec))
         if self.plan is not None:
             items.append([self.spec_for(l, s) for l in range(layers) for s in range(steps)])
         return hashlib.sha256(repr(items).encode()).hexdigest()[:16]
 
     def to_dict(self) -> dict:
         return {"codec": self.codec, "residual_order": self.residual_order, "error_feedback": self.error_feedback,
-                "warmup_steps": self.warmup_steps, "delta_decay": self.delta_decay,
+                "warmup_steps": self.warmup_steps, "warmup_codec": self.warmup_codec,
+                "delta_decay": self.delta_decay,
                 "plan": None if self.plan is None else getattr(self.plan, "__name__", "custom"),
                 "tensors": list(self.tensors) if self.tensors else None, "state_dtype": self.state_dtype,
                 "on_nonfinite": self.on_nonfinite}
