@@ -6,8 +6,8 @@ Sends compressed step-to-step residuals of activations, with error feedback, ins
 from .comm import LinkModel
 from .residual import CompressionConfig
 from .parallel import ParallelConfig
-from .api import context, parallelize, stats, unparallelize
+from .api import context, parallelize, reset, set_request_batches, stats, unparallelize
 
 __version__ = "0.1.0"
 __all__ = ["CompressionConfig", "ParallelConfig", "LinkModel", "parallelize", "unparallelize", "stats", "context",
-           "__version__"]
+           "reset", "set_request_batches", "__version__"]

@@ -8,20 +8,14 @@ from __future__ import annotations
 import hashlib
 import math
 from dataclasses import dataclass
-from types import MappingProxyType
-from typing import Union
+from typing import Any, Mapping, Union
 
 from ..comm.link import LinkModel
 from ..residual import CompressionConfig
+from .registry import DEFAULT_TENSORS, REGISTRY, STRATEGIES
 
 __all__ = ["ParallelConfig", "Mesh", "STRATEGIES", "DEFAULT_TENSORS"]
 
-STRATEGIES = ("none", "patch", "distrifusion", "ring", "ulysses", "usp")
-
-#: Tensors a strategy compresses when ``CompressionConfig.tensors`` is None. K/V travel in every
-#: strategy; Ulysses also moves Q and the output O through its all-to-alls.
-DEFAULT_TENSORS = MappingProxyType({"none": ("k", "v"), "patch": ("k", "v"), "distrifusion": ("k", "v"),
-                                    "ring": ("k", "v"), "ulysses": ("q", "k", "v", "o"), "usp": ("q", "k", "v", "o")})
 
 
 def _degree(x, what: str):
@@ -74,6 +68,8 @@ class ParallelConfig:
     stale_warmup_steps: "distrifusion" runs synchronously (exactly) for the first steps.
     check_consistency_every: K > 0 checks every stream's state across ranks at the first attention call
         of each step t with t % K == 0 (i.e. the state after step t-1); 0 disables.
+    plan: a sharding plan for the diffusers integration (``{module path: {argument: Split} | Gather}``, see
+        ``compactfusion.integrations.diffusers.plans``); None = the built-in plan of the model's family.
     """
 
     strategy: str = "ring"
@@ -85,6 +81,7 @@ class ParallelConfig:
     timeout_s: float = 60.0
     stale_warmup_steps: int = 1
     check_consistency_every: int = 0
+    plan: Any = None
 
     def __post_init__(self):
         if self.strategy not in STRATEGIES:
@@ -106,11 +103,14 @@ class ParallelConfig:
         t = self.timeout_s
         if isinstance(t, bool) or not isinstance(t, (int, float)) or not (t > 0 and math.isfinite(t)):
             raise ValueError(f"timeout_s must be a positive finite number of seconds, got {t!r}")
+        if self.plan is not None and not isinstance(self.plan, Mapping) and not hasattr(self.plan, "plan"):
+            raise TypeError(f"plan must be a dict {{module path: {{argument: Split}} or Gather}} (or a FamilyPlan), "
+                            f"got {type(self.plan).__name__}")
         for name in ("stale_warmup_steps", "check_consistency_every"):
             x = getattr(self, name)
             if isinstance(x, bool) or not isinstance(x, int) or x < 0:
                 raise ValueError(f"{name} must be an integer >= 0, got {x!r}")
-        if self.strategy in ("ring", "patch", "distrifusion") and self.ulysses_degree not in (None, 1):
+        if REGISTRY[self.strategy].mesh == "ring" and self.ulysses_degree not in (None, 1):
             raise ValueError(f"strategy {self.strategy!r} uses no Ulysses group; set ulysses_degree=None (or use "
                              f"strategy='usp' to combine Ulysses and ring)")
         if self.strategy == "ulysses" and self.ring_degree not in (None, 1):
@@ -145,7 +145,7 @@ class ParallelConfig:
                 raise ValueError(f"strategy 'none' needs a sequence-parallel world of 1, got {sp} ({where}); "
                                  f"pick a parallel strategy such as 'ring' or run {cfg} process(es)")
             return Mesh(cfg, 1, 1)
-        if self.strategy in ("ring", "patch", "distrifusion"):
+        if REGISTRY[self.strategy].mesh == "ring":
             if r not in (None, sp):
                 raise ValueError(f"strategy {self.strategy!r} uses the whole sequence-parallel world ({sp}, {where}) "
                                  f"as its ring, but ring_degree={r}; set ring_degree=None or {sp}")
@@ -178,7 +178,8 @@ class ParallelConfig:
                 "ulysses_degree": self.ulysses_degree, "ring_degree": self.ring_degree,
                 "cfg_parallel": self.cfg_parallel, "timeout_s": self.timeout_s,
                 "stale_warmup_steps": self.stale_warmup_steps,
-                "check_consistency_every": self.check_consistency_every}
+                "check_consistency_every": self.check_consistency_every,
+                "plan": None if self.plan is None else repr(self.plan)}
 
     def fingerprint(self) -> str:
         """Digest of everything ranks must agree on (the compression plan is sampled by its own fingerprint)."""

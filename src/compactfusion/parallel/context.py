@@ -11,6 +11,11 @@ Consistency mode (``check_consistency_every = K > 0``): the first attention call
 ``t > 0`` and ``t % K == 0`` first checks every stream's state as it stood after step ``t - 1`` (all
 layers of that step are done by then). The state after the very last step is not checked automatically;
 call :meth:`ParallelContext.check_consistency` yourself after the loop if you want it.
+
+Branches: ``attention(..., branch=b)`` keeps separate residual streams and strategy buffers per branch
+(a hashable name; ``None`` is the default branch). The diffusers integration uses one branch per
+transformer call within a denoising step (conditional, unconditional, skip-layer, ...) and per request of
+a batch, so no stream is ever coded against another branch's activations.
 """
 from __future__ import annotations
 
@@ -22,6 +27,7 @@ import torch.distributed as dist
 from ..comm import ByteLedger, Communicator, make_mesh_groups
 from .config import Mesh, ParallelConfig
 from .errors import CommError, ConfigMismatchError, ConsistencyError, ShapeMismatchError
+from .registry import build_strategy
 from .sharding import shard_offsets, shard_sizes
 from .streams import StreamCoder, from_bytes, to_bytes
 
@@ -118,17 +124,18 @@ class ParallelContext:
         self.cfg_world, self.seq_world = m.cfg, m.sp
         self.seq_rank = self.ulysses_rank * m.ring + self.ring_rank
 
-        self.coder = StreamCoder(config.compression, config.tensors())
-        self._seq_lens: dict = {}  # (group name, layer) -> (own shape signature, [S_local per member])
+        self._seq_lens: dict = {}  # (group name, branch, layer) -> (own shape signature, [S_local per member])
         self._current_step: int | None = None
-        self.strategy = _build_strategy(self)
+        self._branches: dict = {}  # branch -> (StreamCoder, Strategy)
+        self.branch = None
+        self._select(None)
         # Cheap start-up agreement on the configuration itself (shapes can be added via check_agreement).
         self.check_agreement("")
 
     # -- attention ------------------------------------------------------------------------------
     def attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer: int, step: int,
                   joint_q: torch.Tensor | None = None, joint_k: torch.Tensor | None = None,
-                  joint_v: torch.Tensor | None = None):
+                  joint_v: torch.Tensor | None = None, branch=None):
         """Attention of the local queries over the whole (sequence-parallel) sequence.
 
         Returns ``out`` (B, S_local, H, D), or ``(out, joint_out)`` when joint tokens are given. Joint
@@ -142,6 +149,7 @@ class ParallelContext:
             raise ValueError(f"attention(layer={layer}, step={step}): pass all of joint_q, joint_k, joint_v or none")
         joint = Joint(joint_q, joint_k, joint_v) if all(given) else None
         _check_inputs(q, k, v, joint, layer, step)
+        self._select(branch)
         if step != self._current_step:
             every = self.config.check_consistency_every
             if every and self._current_step is not None and step > 0 and step % every == 0:
@@ -150,6 +158,20 @@ class ParallelContext:
         out, joint_out = self.strategy.attention(q, k, v, joint, layer, step)
         return out if joint is None else (out, joint_out)
 
+    def _select(self, branch) -> None:
+        """Make ``branch``'s stream coder and strategy instance the current ones (created on first use)."""
+        pair = self._branches.get(branch)
+        if pair is None:
+            pair = self._branches[branch] = (StreamCoder(self.config.compression, self.config.tensors()),
+                                             build_strategy(self.config.strategy, self))
+        self.branch = branch
+        self.coder, self.strategy = pair
+
+    @property
+    def branches(self) -> list:
+        """The branches seen since the last reset (the default branch first)."""
+        return list(self._branches)
+
     # -- shapes ---------------------------------------------------------------------------------
     def seq_lens(self, comm: Communicator, name: str, layer: int, step: int, x: torch.Tensor) -> list[int]:
         """Every member's S_local for this layer (control all-gather once per layer per generation).
@@ -157,7 +179,7 @@ class ParallelContext:
         Also checks that batch, heads, head dim and dtype agree across the members.
         """
         sig = (int(x.shape[0]), int(x.shape[1]), int(x.shape[2]), int(x.shape[3]), str(x.dtype))
-        cached = self._seq_lens.get((name, layer))
+        cached = self._seq_lens.get((name, self.branch, layer))
         if cached is not None:
             if cached[0] != sig:
                 raise ShapeMismatchError(
@@ -180,7 +202,7 @@ class ParallelContext:
                 raise ShapeMismatchError(f"attention(layer={layer}, step={step}) on {name} group {list(comm.ranks)}: "
                                          f"batch, heads, head dim and dtype must agree across ranks; got {table}")
             lens = [s[1] for s in sigs]
-        self._seq_lens[(name, layer)] = (sig, lens)
+        self._seq_lens[(name, self.branch, layer)] = (sig, lens)
         return lens
 
     # -- sequence / CFG helpers -----------------------------------------------------------------
@@ -249,14 +271,24 @@ class ParallelContext:
     # -- state, checks, lifecycle ---------------------------------------------------------------
     def state_nbytes(self) -> int:
         """Persistent memory held between steps: residual states plus strategy buffers (DistriFusion)."""
-        return self.coder.state_nbytes() + self.strategy.buffer_nbytes()
+        return sum(c.state_nbytes() + s.buffer_nbytes() for c, s in self._branches.values())
 
     def checksums(self) -> dict:
-        """{stream key: checksum} of every residual stream state on this rank (sender and receiver sides)."""
-        return self.coder.checksums()
+        """{stream key: checksum} of every residual stream state on this rank (sender and receiver sides).
+
+        Keys of the default branch are the strategies' stream keys; other branches' are
+        ``("branch", branch, key)``.
+        """
+        out = {}
+        for b, (coder, _) in self._branches.items():
+            for key, cs in coder.checksums().items():
+                out[key if b is None else ("branch", b, key)] = cs
+        return out
 
     def _holders(self, key) -> tuple[int, ...]:
         """Global ranks that keep a copy of stream ``key``'s state."""
+        if key[0] == "branch":
+            key = key[2]
         if len(key) == 4:  # Ulysses chunk (layer, tensor, src, dst): the pair only
             return (key[2], key[3])
         c, u, _ = self.mesh.coords(key[2])  # ring / all-gather stream (layer, tensor, src): src's ring
@@ -269,7 +301,8 @@ class ParallelContext:
         their next use; the result is the same). Raises ``ConsistencyError`` naming the first stream that
         is missing on a holder or differs; returns the number of streams checked.
         """
-        self.strategy.flush()
+        for _, strategy in self._branches.values():
+            strategy.flush()
         tables = self.world_comm.all_gather_object(self.checksums())
         keys = sorted({k for t in tables for k in t}, key=repr)
         for key in keys:
@@ -303,8 +336,11 @@ class ParallelContext:
 
     def reset(self) -> None:
         """Start a new generation: residual coders, strategy buffers, shape caches and the ledger."""
-        self.strategy.reset()
-        self.coder.reset()
+        for coder, strategy in self._branches.values():
+            strategy.reset()
+            coder.reset()
+        self._branches = {None: self._branches[None]}  # other branches are per generation
+        self._select(None)
         self._seq_lens.clear()
         self._current_step = None
         self.ledger.reset()
@@ -314,14 +350,16 @@ class ParallelContext:
                 "mesh": {"cfg": self.mesh.cfg, "ulysses": self.mesh.ulysses, "ring": self.mesh.ring},
                 "seq_rank": self.seq_rank, "cfg_rank": self.cfg_rank,
                 "compressed_tensors": list(self.coder.tensors),
-                "residual_state_nbytes": self.coder.state_nbytes(),
-                "buffer_nbytes": self.strategy.buffer_nbytes(),
+                "residual_state_nbytes": sum(c.state_nbytes() for c, _ in self._branches.values()),
+                "buffer_nbytes": sum(s.buffer_nbytes() for _, s in self._branches.values()),
+                "branches": len(self._branches),
                 "streams": len(self.checksums()),
                 "ledger": self.ledger.summary()}
 
     def close(self) -> None:
         """Release the groups this context created (optional; process exit does it too)."""
-        self.strategy.reset()
+        for _, strategy in self._branches.values():
+            strategy.reset()
         for c in {id(c): c for c in (self.cfg_comm, self.ulysses_comm, self.ring_comm, self.sp_comm)}.values():
             c.close()
 
@@ -330,23 +368,3 @@ class ParallelContext:
         return (f"ParallelContext(strategy={self.config.strategy!r}, rank={self.rank}/{self.world}, "
                 f"mesh=cfg{m.cfg} x ulysses{m.ulysses} x ring{m.ring})")
 
-
-def _build_strategy(ctx: ParallelContext):
-    name = ctx.config.strategy
-    if name == "none":
-        from .strategy import LocalStrategy
-        return LocalStrategy(ctx)
-    if name == "patch":
-        from .patch import PatchStrategy
-        return PatchStrategy(ctx)
-    if name == "distrifusion":
-        from .distrifusion import DistriFusionStrategy
-        return DistriFusionStrategy(ctx)
-    if name == "ring":
-        from .ring import RingStrategy
-        return RingStrategy(ctx)
-    if name == "ulysses":
-        from .ulysses import UlyssesStrategy
-        return UlyssesStrategy(ctx)
-    from .usp import USPStrategy
-    return USPStrategy(ctx)

@@ -1,11 +1,15 @@
-"""Route a diffusers attention module's ``scaled_dot_product_attention`` call to the parallel context.
+"""Route the attention calls of a diffusers self-attention module to the parallel context.
 
-Every diffusers family we support (Flux's ``dispatch_attention_fn`` with the native backend, SD3's
-``JointAttnProcessor2_0``, PixArt's ``AttnProcessor2_0`` and most others) ends in
-``F.scaled_dot_product_attention(q, k, v)`` with (B, H, S, D) tensors. A ``TorchFunctionMode`` that is
-active only while one attention module runs catches that call, so no processor is forked and nothing
-global is patched. The adapter tells where the replicated joint (text) tokens sit: in ``front`` (Flux)
-or at the ``rear`` (SD3) of the sequence; everything else in the call is this rank's image shard.
+diffusers' processors call ``dispatch_attention_fn``, whose backend registry picks the kernel
+(``attention_dispatch.py``); the native backends (``native``, ``_native_math``, ``_native_flash``,
+``_native_efficient``, ``_native_cudnn``) and processors that skip the dispatcher (SD3's
+``JointAttnProcessor2_0``, PixArt's ``AttnProcessor2_0``) all end in
+``F.scaled_dot_product_attention`` on (B, H, S, D) tensors. A ``TorchFunctionMode`` active only while
+one attention module runs catches that call, so no processor is forked and nothing global is patched.
+
+Backends that do not go through SDPA (flex, flash-attn, sage, xformers, NPU/XLA kernels) would attend
+locally, i.e. silently wrong; they are refused by name (``check_backend``) before the module runs, and
+the runtime also counts the calls each self-attention module routed and raises if one routed none.
 """
 from __future__ import annotations
 
@@ -15,16 +19,53 @@ import torch
 import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
+__all__ = ["AttentionRouter", "UnsupportedAttentionError", "UnroutedAttentionError", "ROUTABLE_BACKENDS",
+           "check_backend", "backend_of"]
+
+#: dispatcher backends whose kernel is F.scaled_dot_product_attention (``None``: the processor's default).
+ROUTABLE_BACKENDS = frozenset({None, "native", "_native_math", "_native_flash", "_native_efficient",
+                               "_native_cudnn"})
+
 
 class UnsupportedAttentionError(ValueError):
-    """An attention call whose token layout the adapter cannot map onto the sequence shards."""
+    """An attention call that the sequence-parallel strategies cannot run exactly."""
+
+
+class UnroutedAttentionError(RuntimeError):
+    """A self-attention module attended without reaching the parallel context (it would be silently wrong)."""
+
+
+def backend_of(module) -> str | None:
+    """The attention backend a diffusers attention module will dispatch to (None = processor default)."""
+    backend = getattr(getattr(module, "processor", None), "_attention_backend", None)
+    if backend is None:
+        try:  # the global default: DIFFUSERS_ATTN_BACKEND or the `attention_backend(...)` context manager
+            from diffusers.models.attention_dispatch import _AttentionBackendRegistry
+            name, _ = _AttentionBackendRegistry.get_active_backend()
+            backend = None if str(getattr(name, "value", name)) == "native" else name
+        except Exception:  # noqa: BLE001 - older diffusers without a registry: the processor uses SDPA
+            backend = None
+    return None if backend is None else str(getattr(backend, "value", backend))
+
+
+def check_backend(module, name: str) -> None:
+    """Refuse an attention backend whose kernel the router cannot see."""
+    backend = backend_of(module)
+    if backend not in ROUTABLE_BACKENDS:
+        raise UnsupportedAttentionError(
+            f"attention module {name!r} uses the {backend!r} attention backend, which compactfusion cannot route "
+            f"(its kernel bypasses scaled_dot_product_attention, so each rank would attend only to its own tokens); "
+            f"call transformer.set_attention_backend('native') (or '_native_flash' / '_native_math') before "
+            f"generating")
 
 
 class AttentionRouter(TorchFunctionMode):
-    def __init__(self, runtime, layer: int):
+    """Active while one self-attention module runs: its SDPA calls become parallel attention."""
+
+    def __init__(self, runtime, layer: int, name: str):
         super().__init__()
-        self.runtime = runtime
-        self.layer = layer
+        self.runtime, self.layer, self.name = runtime, layer, name
+        self.routed = 0
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -32,38 +73,35 @@ class AttentionRouter(TorchFunctionMode):
             return self._attention(*args, **kwargs)
         return func(*args, **kwargs)
 
-    def _attention(self, query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):
-        rt = self.runtime
-        s_local, n_joint, position = rt.local_tokens, rt.joint_tokens, rt.adapter.joint_position
-        sq, sk = query.shape[-2], key.shape[-2]
-        if sk != sq or rt.local_tokens is None:
-            # cross-attention to replicated context (PixArt's text) needs no communication
-            return F.scaled_dot_product_attention(query, key, value, attn_mask=attn_mask, dropout_p=dropout_p,
-                                                  is_causal=is_causal, scale=scale, enable_gqa=enable_gqa)
-        if sq == s_local:
-            joint = 0
-        elif position != "none" and sq == s_local + n_joint:
-            joint = n_joint
-        else:
+    def _attention(self, query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,
+                   enable_gqa=False):
+        where = f"attention module {self.name!r} (layer {self.layer})"
+        if key.shape[-2] != query.shape[-2]:
             raise UnsupportedAttentionError(
-                f"attention layer {self.layer}: {sq} query tokens match neither this rank's {s_local} image tokens "
-                f"nor image + {n_joint} joint tokens; the {rt.adapter.name} adapter cannot shard this model")
-        if attn_mask is not None or is_causal or dropout_p or enable_gqa or query.shape[1] != key.shape[1]:
-            raise UnsupportedAttentionError(
-                f"attention layer {self.layer}: masks, causal attention, dropout and grouped-query attention are not "
-                f"supported by sequence-parallel strategies; call .eval() and use an unmasked model")
+                f"{where}: {query.shape[-2]} query tokens attend to {key.shape[-2]} keys inside a self-attention "
+                f"module (extra key tokens such as an IP-Adapter's are not sharded); declare the module as "
+                f"cross-attention in the plan or remove the adapter")
+        if attn_mask is not None:
+            attn_mask = _trivial_mask(attn_mask, where)
+        if is_causal or enable_gqa or query.shape[1] != key.shape[1]:
+            raise UnsupportedAttentionError(f"{where}: causal and grouped-query attention are not supported by the "
+                                            f"sequence-parallel strategies")
+        if dropout_p:
+            raise UnsupportedAttentionError(f"{where}: attention dropout {dropout_p} is on; call .eval() on the "
+                                            f"transformer before generating")
         head_dim = query.shape[-1]
         if scale is not None:  # the context uses the default 1/sqrt(D); fold any other scale into q
             query = query * (scale * math.sqrt(head_dim))
         q, k, v = (t.transpose(1, 2) for t in (query, key, value))  # (B, S, H, D)
-        step = rt.step
-        if joint == 0:
-            out = rt.ctx.attention(q, k, v, layer=self.layer, step=step)
-        else:
-            jsl = slice(0, joint) if position == "front" else slice(sq - joint, sq)
-            isl = slice(joint, sq) if position == "front" else slice(0, sq - joint)
-            out_img, out_joint = rt.ctx.attention(q[:, isl], k[:, isl], v[:, isl], layer=self.layer, step=step,
-                                                  joint_q=q[:, jsl], joint_k=k[:, jsl], joint_v=v[:, jsl])
-            parts = (out_joint, out_img) if position == "front" else (out_img, out_joint)
-            out = torch.cat(parts, dim=1)
-        return out.transpose(1, 2)
+        self.routed += 1
+        return self.runtime.route(q, k, v, self.layer).transpose(1, 2)
+
+
+def _trivial_mask(mask: torch.Tensor, where: str):
+    """None when ``mask`` masks nothing (all True / all zero); otherwise refuse it by name."""
+    trivial = bool(mask.all()) if mask.dtype == torch.bool else bool((mask == 0).all())
+    if trivial:
+        return None
+    raise UnsupportedAttentionError(
+        f"{where}: an attention mask that masks tokens (e.g. padded text) is not supported by the sequence-parallel "
+        f"strategies yet; use one prompt per call without padding (batch size 1), or run on one device")

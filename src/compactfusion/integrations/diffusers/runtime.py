@@ -1,8 +1,20 @@
-"""Per-pipeline runtime: owns the parallel context and the hooks that shard, gather and count steps.
+"""Runtime of a parallelized diffusers model: plan hooks, attention routing, steps and branches.
 
-Everything one generation needs lives here (no module-level state): the denoising-step counter (one
-transformer call = one step), the token counts of the current call, and the ``ParallelContext`` whose
-residual states are reset at the start of every pipeline call.
+One :class:`TransformerRuntime` per parallelized transformer reads its :class:`FamilyPlan`: inputs of
+the transformer itself are split inside its forward wrapper (after the CFG split), inputs and outputs of
+submodules by forward hooks, and the ``Gather`` module's output is all-gathered. Between the first split
+and the gather ("the sharded region") every self-attention module runs under an
+:class:`AttentionRouter`; each must route at least one call, or the forward raises.
+
+Steps and branches: a denoising step is not a transformer call. A call whose ``timestep`` differs from
+the previous call's starts a new step; calls that share it are branches of that step (conditional,
+unconditional, skip-layer guidance, ...). Each (transformer, branch) — and, with request batching, each
+request — has its own residual streams, and counts its own steps, so its warmup runs on its first step
+and it is never coded against another branch's activations.
+
+Everything lives on the runtime objects (no module-level state) and is reset per generation: by the
+pipeline's ``__call__`` (see :func:`install_pipeline_class`) or by ``compactfusion.reset`` for a bare
+transformer.
 """
 from __future__ import annotations
 
@@ -10,12 +22,13 @@ import hashlib
 import inspect
 import os
 import types
+from dataclasses import dataclass, field
 
 import torch
 
 from ...parallel.errors import ConfigMismatchError
-from .plans import ModelAdapter
-from .router import AttentionRouter
+from .plans import FamilyPlan, Gather, Split, is_cross_attention, resolve_paths, unwrap_model
+from .router import AttentionRouter, UnroutedAttentionError, backend_of, check_backend
 
 #: Test-only hooks, inert unless set (documented in docs/reliability.md). ``COMPACTFUSION_TEST_STEP_FILE``:
 #: each denoising step writes "PID STEP" to this path ("{rank}" in it is replaced by the global rank;
@@ -60,44 +73,103 @@ def _short(v) -> str:
     return text if len(text) <= 48 else "sha256:" + hashlib.sha256(text.encode()).hexdigest()[:12]
 
 
-def _is_attention(module) -> bool:
+def _digest(parts: dict) -> str:
+    return hashlib.sha256(repr(sorted(parts.items())).encode()).hexdigest()[:16]
+
+
+def is_attention(module) -> bool:
+    """diffusers attention modules (``Attention``, ``AttentionModuleMixin`` subclasses) carry a processor."""
     return hasattr(module, "processor") and hasattr(module, "set_processor")
 
 
-class PipelineRuntime:
-    def __init__(self, pipe, transformer, adapter: ModelAdapter, ctx, config):
-        self.pipe, self.transformer, self.adapter, self.ctx, self.config = pipe, transformer, adapter, ctx, config
-        self.step = -1
-        self.local_tokens: int | None = None
-        self.joint_tokens = 0
-        self.total_tokens = 0
-        self.last_stats: dict | None = None
-        self.calls = 0
+def _forward_params(module) -> list[str]:
+    params = list(inspect.signature(type(module).forward).parameters)
+    return params[1:]  # drop self
+
+
+@dataclass
+class _Call:
+    """What one transformer forward has split, routed and gathered so far."""
+
+    splits: list = field(default_factory=list)  # (local length, total length) of every split token dim
+    sharded: bool = False
+    gathered: bool = False
+    ns: object = None
+    stream_step: int = 0
+
+
+class TransformerRuntime:
+    """The hooks on one transformer and its per-generation step/branch state."""
+
+    def __init__(self, owner: "ModelRuntime", transformer, plan: FamilyPlan, index: int, name: str):
+        self.owner, self.ctx, self.plan, self.index, self.name = owner, owner.ctx, plan, index, name
+        self.model = unwrap_model(transformer)
         self._undo: list = []
-        self._signature = inspect.signature(transformer.forward)
-        self.num_attention_layers = 0
-        self._hook = _test_hook(getattr(ctx, "rank", 0))
-        self._install()
+        self._params = _forward_params(self.model)
+        self._signature = inspect.signature(type(self.model).forward.__get__(self.model))  # without self
+        self.call: _Call | None = None
+        self.attention_layers = 0
+        self.self_attention_layers = 0
+        self.reset()
+        try:
+            self._install()
+        except Exception:
+            self.remove()
+            raise
+
+    # -- per generation ------------------------------------------------------------------------
+    def reset(self) -> None:
+        self.step = -1               # denoising step index of this transformer in this generation
+        self.branch = 0              # call index within the step
+        self._timestep = None
+        self._stream_steps: dict = {}  # branch -> steps that branch has run
+        self.calls = 0
 
     # -- installation --------------------------------------------------------------------------
     def _install(self) -> None:
-        t, a = self.transformer, self.adapter
-        for name in (a.token_embed, a.output) + ((a.rotary,) if a.rotary else ()):
-            if not hasattr(t, name):
-                raise ValueError(f"{type(t).__name__} has no `{name}` module that the {a.name} adapter needs")
-        self._undo.append(getattr(t, a.token_embed).register_forward_hook(self._shard_tokens).remove)
-        self._undo.append(getattr(t, a.output).register_forward_hook(self._gather_tokens).remove)
-        if a.rotary:
-            self._undo.append(getattr(t, a.rotary).register_forward_hook(self._shard_rotary).remove)
+        m, plan = self.model, self.plan
+        self._top = plan.plan.get("", {}) if not isinstance(plan.plan.get(""), Gather) else {}
+        for name in self._top:
+            if isinstance(name, int) or name not in self._params:
+                raise ValueError(f"plan {plan.name!r} splits input {name!r}, but {type(m).__name__}.forward has "
+                                 f"no such argument (it takes {', '.join(self._params)})")
+        gathers = 0
+        for path, entry in plan.plan.items():
+            for mod_name, module in resolve_paths(m, path):
+                if isinstance(entry, Gather):
+                    gathers += 1
+                    self._undo.append(module.register_forward_hook(self._gather_hook(entry, mod_name)).remove)
+                    continue
+                inputs = {k: s for k, s in entry.items() if isinstance(k, str)}
+                outputs = {k: s for k, s in entry.items() if isinstance(k, int)}
+                if path == "":
+                    if outputs:
+                        raise ValueError(f"plan {plan.name!r}: the transformer's own outputs cannot be split")
+                    continue
+                if inputs:
+                    params = _forward_params(module)
+                    missing = [k for k in inputs if k not in params]
+                    if missing:
+                        raise ValueError(f"plan {plan.name!r}: module {mod_name!r} ({type(module).__name__}) has no "
+                                         f"forward argument {missing[0]!r}")
+                    self._undo.append(module.register_forward_pre_hook(
+                        self._input_hook(inputs, params, mod_name), with_kwargs=True).remove)
+                if outputs:
+                    self._undo.append(module.register_forward_hook(self._output_hook(outputs, mod_name)).remove)
         layer = 0
-        for module in t.modules():
-            if _is_attention(module):
-                self._wrap_forward(module, self._attention_forward(module.forward, layer))
-                layer += 1
-        if layer == 0:
-            raise ValueError(f"{type(t).__name__} has no diffusers attention modules to parallelize")
-        self.num_attention_layers = layer
-        self._wrap_forward(t, self._transformer_forward(t.forward))
+        for mod_name, module in m.named_modules():
+            if not is_attention(module):
+                continue
+            cross = is_cross_attention(plan, mod_name)
+            if not cross:
+                check_backend(module, mod_name)  # refuse unroutable backends now, and again at every call
+                self.self_attention_layers += 1
+            self._wrap_forward(module, self._attention_forward(module, module.forward, layer, mod_name, cross))
+            layer += 1
+        if self.self_attention_layers == 0:
+            raise ValueError(f"{type(m).__name__} has no diffusers self-attention modules to parallelize")
+        self.attention_layers = layer
+        self._wrap_forward(m, self._transformer_forward(m.forward))
 
     def _wrap_forward(self, module, new_forward) -> None:
         had = "forward" in module.__dict__
@@ -108,7 +180,7 @@ class PipelineRuntime:
             if had:
                 module.forward = old
             else:
-                del module.forward
+                module.__dict__.pop("forward", None)
         self._undo.append(undo)
 
     def remove(self) -> None:
@@ -116,76 +188,215 @@ class PipelineRuntime:
             undo()
         self._undo.clear()
 
-    # -- hooks ---------------------------------------------------------------------------------
-    def _attention_forward(self, original, layer: int):
+    # -- splitting -----------------------------------------------------------------------------
+    def _split(self, x, spec: Split, what: str):
+        """This rank's shard of ``x`` (a tensor, or a list/tuple of tensors split element by element)."""
+        if isinstance(x, (list, tuple)):
+            return type(x)(self._split(t, spec, f"{what}[{i}]") for i, t in enumerate(x))
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"plan {self.plan.name!r}: {what} is {type(x).__name__}, expected a tensor to split")
+        if x.ndim != spec.ndim:
+            if spec.optional:
+                return x
+            raise ValueError(f"plan {self.plan.name!r}: {what} has shape {tuple(x.shape)} but the plan splits a "
+                             f"{spec.ndim}-D tensor along dim {spec.dim}; pass inputs in the layout the model "
+                             f"expects, or give ParallelConfig(plan=...) for this layout")
+        dim = spec.dim % x.ndim
+        total = int(x.shape[dim])
+        local = self.ctx.shard_seq(x, dim)
+        call = self.call
+        if call is None:
+            raise UnroutedAttentionError(f"plan {self.plan.name!r}: {what} was split outside a forward of "
+                                         f"{type(self.model).__name__}; call the transformer, not its submodules")
+        call.sharded = True
+        call.splits.append((int(local.shape[dim]), total))
+        return local
+
+    def _input_hook(self, inputs: dict, params: list, mod_name: str):
+        def hook(module, args, kwargs):
+            if self.call is None:
+                return None
+            args = list(args)
+            for name, spec in inputs.items():
+                pos = params.index(name)
+                if name in kwargs:
+                    if kwargs[name] is not None:
+                        kwargs[name] = self._split(kwargs[name], spec, f"{mod_name}({name}=...)")
+                elif pos < len(args) and args[pos] is not None:
+                    args[pos] = self._split(args[pos], spec, f"{mod_name}({name}=...)")
+            return tuple(args), kwargs
+        return hook
+
+    def _output_hook(self, outputs: dict, mod_name: str):
+        def hook(module, args, output):
+            if self.call is None:
+                return None
+            single = isinstance(output, torch.Tensor)
+            items = [output] if single else list(output)
+            for index, spec in outputs.items():
+                if index >= len(items):
+                    raise ValueError(f"plan {self.plan.name!r}: {mod_name!r} returned {len(items)} output(s), the "
+                                     f"plan splits output {index}")
+                items[index] = self._split(items[index], spec, f"{mod_name} output {index}")
+            return items[0] if single else type(output)(items)
+        return hook
+
+    def _gather_hook(self, spec: Gather, mod_name: str):
+        def hook(module, args, output):
+            call = self.call
+            if call is None or not call.sharded:
+                return None
+            x = output if spec.index is None else output[spec.index]
+            if not isinstance(x, torch.Tensor) or x.ndim != spec.ndim:
+                raise ValueError(f"plan {self.plan.name!r}: {mod_name!r} returned "
+                                 f"{tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__}, the plan "
+                                 f"gathers a {spec.ndim}-D tensor along dim {spec.dim}")
+            dim = spec.dim % x.ndim
+            totals = {t for n, t in call.splits if n == x.shape[dim]}
+            total = totals.pop() if len(totals) == 1 else None  # known from the split rule: no size exchange
+            full = self.ctx.gather_seq(x, dim, step=call.stream_step, total=total)
+            call.gathered, call.sharded = True, False
+            if spec.index is None:
+                return full
+            out = list(output)
+            out[spec.index] = full
+            return type(output)(out)
+        return hook
+
+    # -- attention -----------------------------------------------------------------------------
+    def _attention_forward(self, module, original, layer: int, mod_name: str, cross: bool):
         runtime = self
 
         def forward(*args, **kwargs):
-            if runtime.local_tokens is None:  # called outside a sharded transformer call
+            call = runtime.call
+            if call is None or not call.sharded or cross:
                 return original(*args, **kwargs)
-            with AttentionRouter(runtime, layer):
-                return original(*args, **kwargs)
+            check_backend(module, mod_name)  # set_attention_backend may have run after parallelize
+            router = AttentionRouter(runtime, layer, mod_name)
+            with router:
+                out = original(*args, **kwargs)
+            if router.routed == 0:
+                raise UnroutedAttentionError(
+                    f"self-attention module {mod_name!r} of {type(runtime.model).__name__} attended without reaching "
+                    f"the parallel context (backend {backend_of(module)!r}); its output would use only this rank's "
+                    f"tokens. Use the native attention backend, or mark the module as cross-attention in the plan "
+                    f"if its keys are not sharded")
+            return out
         return forward
 
-    def _shard_tokens(self, module, args, output):
-        if not isinstance(output, torch.Tensor) or output.ndim != 3:
-            raise ValueError(f"{self.adapter.name} adapter: `{self.adapter.token_embed}` returned "
-                             f"{type(output).__name__}, expected a (batch, tokens, channels) tensor")
-        self.total_tokens = output.shape[1]
-        if self.total_tokens < self.ctx.seq_world:
-            raise ValueError(f"{self.total_tokens} image tokens cannot be split over {self.ctx.seq_world} "
-                             f"sequence-parallel ranks; use a larger image or fewer ranks")
-        local = self.ctx.shard_seq(output, 1)
-        self.local_tokens = local.shape[1]
-        return local
+    def route(self, q, k, v, layer: int):
+        """Parallel attention of one routed SDPA call (B, S_local, H, D), per request when batched."""
+        call = self.call
+        sizes = self.owner.request_rows
+        if not sizes or len(sizes) == 1:
+            return self.ctx.attention(q, k, v, layer=layer, step=call.stream_step, branch=call.ns)
+        n = sum(sizes)
+        if q.shape[0] % n:
+            raise ValueError(f"request batches {list(sizes)} ({n} images) do not divide the transformer batch "
+                             f"{q.shape[0]}; pass set_request_batches sizes that add up to the images per call")
+        out = torch.empty_like(q)
+        offsets = [sum(sizes[:i]) for i in range(len(sizes))]
+        for r, (off, size) in enumerate(zip(offsets, sizes)):
+            rows = torch.tensor([j * n + off + i for j in range(q.shape[0] // n) for i in range(size)],
+                                device=q.device)
+            out[rows] = self.ctx.attention(q[rows], k[rows], v[rows], layer=layer, step=call.stream_step,
+                                           branch=(call.ns, "request", r))
+        return out
 
-    def _shard_rotary(self, module, args, output):
-        t = self.joint_tokens
+    # -- the transformer call ------------------------------------------------------------------
+    def _advance(self, arguments: dict) -> None:
+        """New step or new branch of the current step, from the call's ``timestep``."""
+        t = arguments.get("timestep")
+        t = t.detach() if isinstance(t, torch.Tensor) else t
+        same = (self._timestep is not None and t is not None and isinstance(t, torch.Tensor)
+                and isinstance(self._timestep, torch.Tensor) and t.shape == self._timestep.shape
+                and t.device == self._timestep.device and bool(torch.equal(t, self._timestep)))
+        if same or (t is not None and not isinstance(t, torch.Tensor) and t == self._timestep):
+            self.branch += 1
+        else:
+            if self.owner.bare and self._went_back(t):
+                self.owner.reset()  # a bare transformer whose timestep rose again: a new generation
+            self.step += 1
+            self.branch = 0
+            self.owner.on_step(self.step)
+        self._timestep = t.clone() if isinstance(t, torch.Tensor) else t
 
-        def cut(x):
-            return torch.cat([x[:t], self.ctx.shard_seq(x[t:], 0)], dim=0)
-        return tuple(cut(x) for x in output) if isinstance(output, (tuple, list)) else cut(output)
-
-    def _gather_tokens(self, module, args, output):
-        return self.ctx.gather_seq(output, 1, step=self.step)
+    def _went_back(self, t) -> bool:
+        prev = self._timestep
+        if prev is None or t is None:
+            return False
+        try:
+            return float(torch.as_tensor(t).float().mean()) > float(torch.as_tensor(prev).float().mean())
+        except (TypeError, ValueError, RuntimeError):
+            return False
 
     def _transformer_forward(self, original):
         runtime = self
 
         def forward(*args, **kwargs):
+            if runtime.call is not None:
+                raise RuntimeError(f"{type(runtime.model).__name__} was called re-entrantly while parallelized")
             bound = runtime._signature.bind(*args, **kwargs)
-            runtime.step += 1
-            if runtime._hook is not None:
-                runtime._hook(runtime.step)
-            runtime.joint_tokens = runtime.adapter.joint_tokens(bound.arguments)
-            if runtime.ctx.cfg_world > 1:
-                runtime._split_cfg(bound.arguments)
+            arguments = bound.arguments  # edits write through to bound.args / bound.kwargs
+            runtime.owner.before_call(runtime, arguments)
+            runtime._advance(arguments)
+            branch = runtime.branch
+            count = runtime._stream_steps.get(branch, 0)
+            runtime._stream_steps[branch] = count + 1
+            ns = (runtime.index, branch)
+            call = _Call(ns=None if ns == (0, 0) else ns, stream_step=count)
+            ctx = runtime.ctx
+            if ctx.cfg_world > 1:
+                runtime._split_cfg(arguments)
+            runtime.call = call
             try:
+                for name, spec in runtime._top.items():
+                    if arguments.get(name) is not None:
+                        arguments[name] = runtime._split(arguments[name], spec, f"input {name}")
                 out = original(*bound.args, **bound.kwargs)
+                runtime._check_call(call)
             finally:
-                runtime.local_tokens = None
-            if runtime.ctx.cfg_world > 1:
+                runtime.call = None
+            runtime.calls += 1
+            if ctx.cfg_world > 1:
                 out = runtime._gather_cfg(out)
             return out
         return forward
 
+    def _check_call(self, call: _Call) -> None:
+        if not call.splits:
+            raise UnroutedAttentionError(
+                f"plan {self.plan.name!r} split nothing in this forward of {type(self.model).__name__} (its split "
+                f"points were not reached or their inputs were None); every rank would compute the whole sequence "
+                f"and the output could not be gathered. Fix the plan for this model")
+        if not call.gathered:
+            raise UnroutedAttentionError(
+                f"plan {self.plan.name!r}: the output module was never called in this forward of "
+                f"{type(self.model).__name__}, so the output stayed split across ranks; fix the plan's Gather entry")
+
     # -- CFG parallel --------------------------------------------------------------------------
     def _split_cfg(self, arguments: dict) -> None:
         hs = arguments.get("hidden_states")
+        if not isinstance(hs, torch.Tensor):
+            raise ValueError("cfg_parallel needs the transformer's `hidden_states` input to find the batch")
         batch = hs.shape[0]
         if batch % 2:
-            raise ValueError(f"cfg_parallel needs the pipeline to batch the conditional and unconditional inputs, "
-                             f"but the transformer got batch {batch}; enable guidance (guidance_scale > 1) or "
-                             f"turn cfg_parallel off")
+            raise ValueError(f"cfg_parallel needs the pipeline to batch the conditional and unconditional inputs in "
+                             f"one transformer call, but it got batch {batch} (guidance off, or a pipeline that calls "
+                             f"the transformer once per branch, like Wan or true CFG); turn cfg_parallel off and use "
+                             f"sequence parallelism over all ranks")
         half, r = batch // 2, self.ctx.cfg_rank
+        token_dim0 = {n for n, s in self._top.items() if s.dim % s.ndim == 0}  # e.g. Flux's ids: not a batch dim
 
         def split(v):
             if isinstance(v, torch.Tensor) and v.ndim > 0 and v.shape[0] == batch:
                 return v[r * half:(r + 1) * half]
             if isinstance(v, dict):
                 return {k: split(x) for k, x in v.items()}
+            if isinstance(v, (list, tuple)) and v and all(isinstance(x, torch.Tensor) for x in v):
+                return type(v)(split(x) for x in v)
             return v
-        names = self.adapter.batch_args or [n for n in arguments if not n.endswith("_ids")]
+        names = self.plan.batch_args or [n for n in arguments if n not in token_dim0]
         for name in names:
             if name in arguments:
                 arguments[name] = split(arguments[name])
@@ -198,35 +409,101 @@ class PipelineRuntime:
             return out
         return self.ctx.gather_cfg(out, 0)
 
+
+class ModelRuntime:
+    """Owns the context and the transformer runtimes of one parallelized pipeline or bare transformer."""
+
+    def __init__(self, obj, transformers: list, plans: list, ctx, config, bare: bool):
+        self.obj, self.ctx, self.config, self.bare = obj, ctx, config, bare
+        self.last_stats: dict | None = None
+        self.generations = 0
+        self.request_rows: list | None = None
+        self._hook = _test_hook(getattr(ctx, "rank", 0))
+        self._pending_agreement = bare
+        self.transformers: list[TransformerRuntime] = []
+        try:
+            for i, ((name, t), plan) in enumerate(zip(transformers, plans)):
+                self.transformers.append(TransformerRuntime(self, t, plan, i, name))
+        except Exception:
+            self.remove()
+            raise
+
+    @property
+    def step(self) -> int:
+        """The newest denoising step index of this generation (-1 before the first)."""
+        return max(t.step for t in self.transformers)
+
+    @property
+    def num_attention_layers(self) -> int:
+        return sum(t.attention_layers for t in self.transformers)
+
+    def on_step(self, step: int) -> None:
+        if self._hook is not None:
+            self._hook(step)
+
+    def before_call(self, rt: TransformerRuntime, arguments: dict) -> None:
+        if self._pending_agreement:  # bare transformer: agree on the first call of each generation
+            self._pending_agreement = False
+            parts = self.model_parts()
+            for k, v in sorted(arguments.items()):
+                if isinstance(v, torch.Tensor):
+                    parts[f"input {k}"] = f"tensor {tuple(v.shape)} {str(v.dtype).removeprefix('torch.')}"
+            self.check_parts(parts)
+
+    def remove(self) -> None:
+        for t in self.transformers:
+            t.remove()
+
     # -- generations ---------------------------------------------------------------------------
-    def begin_generation(self, call_args: dict) -> None:
+    def reset(self) -> None:
         self.ctx.reset()
-        self.step = -1
-        self.local_tokens = None
+        for t in self.transformers:
+            t.reset()
+        self._pending_agreement = self.bare
+
+    def begin_generation(self, call_args: dict) -> None:
+        self.reset()
         parts = self.fingerprint_parts(call_args)
+        self.check_parts(parts)
+
+    def check_parts(self, parts: dict) -> None:
         try:
             self.ctx.check_agreement(_digest(parts))
         except ConfigMismatchError as e:  # every rank got the same verdict, so all are here
             raise self._explain_mismatch(e, parts) from None
 
     def end_generation(self) -> None:
-        self.calls += 1
+        self.generations += 1
+        self.last_stats = self.summary()
+
+    def summary(self) -> dict:
         s = self.ctx.summary()
         # Flat keys for cf.stats(): the ledger totals, and the residual state still held after the call
         # (bases of every stream, sender and receiver sides; freed at the start of the next call).
         for k, v in (s.get("ledger") or {}).items():
             s.setdefault(k, v)
         s.setdefault("state_bytes", int(self.ctx.state_nbytes()))
-        s.update(steps=self.step + 1, attention_layers=self.num_attention_layers, generation=self.calls)
-        self.last_stats = s
+        s.update(steps=self.step + 1, attention_layers=self.num_attention_layers, generation=self.generations,
+                 transformer_calls=sum(t.calls for t in self.transformers),
+                 plans={t.name: t.plan.name for t in self.transformers})
+        return s
+
+    def model_parts(self) -> dict:
+        parts = {"parallel configuration": self.config.fingerprint()}
+        for rt in self.transformers:
+            t = rt.model
+            sample = [round(float(p.detach().reshape(-1)[:16].float().sum()), 4) for p in list(t.parameters())[:64]]
+            parts.update({f"{rt.name} class": type(t).__name__,
+                          f"{rt.name} config": _short(sorted((k, v) for k, v in dict(t.config).items()
+                                                             if not k.startswith("_"))),
+                          f"{rt.name} weights": _short(sample), f"{rt.name} attention layers": rt.attention_layers})
+        return parts
 
     def fingerprint_parts(self, call_args: dict) -> dict:
         """What every rank must agree on, by name: configuration, model, weights sample, call arguments."""
-        t = self.transformer
-        sample = [round(float(p.detach().reshape(-1)[:16].float().sum()), 4) for p in list(t.parameters())[:64]]
-        parts = {"parallel configuration": self.config.fingerprint(), "model class": type(t).__name__,
-                 "model config": _short(sorted((k, v) for k, v in dict(t.config).items() if not k.startswith("_"))),
-                 "model weights": _short(sample), "attention layers": self.num_attention_layers}
+        parts = self.model_parts()
+        if self.request_rows:
+            parts["request batches"] = repr(self.request_rows)
         for k, v in sorted(call_args.items()):
             if isinstance(v, (int, float, str, bool, type(None))) or (isinstance(v, (list, tuple)) and all(isinstance(x, (int, float, str)) for x in v)):
                 parts[k] = _short(v)
@@ -253,14 +530,14 @@ class PipelineRuntime:
         what = "; ".join(f"{n} (" + ", ".join(f"rank {r}: {t.get(n)}" for r, t in enumerate(tables)) + ")"
                          for n in diffs)
         return ConfigMismatchError(f"ranks disagree on {what}; every rank must load the same model and call the pipeline "
-                         f"with the same arguments", getattr(err, "ranks", None))
+                                   f"with the same arguments", getattr(err, "ranks", None))
 
 
-def _digest(parts: dict) -> str:
-    return hashlib.sha256(repr(sorted(parts.items())).encode()).hexdigest()[:16]
+#: Kept for callers of the earlier name.
+PipelineRuntime = ModelRuntime
 
 
-def install_pipeline_class(pipe, runtime: PipelineRuntime) -> None:
+def install_pipeline_class(pipe, runtime: ModelRuntime) -> None:
     """Give this one pipeline instance a subclass whose __call__ brackets each generation (resets state)."""
     base = type(pipe)
     signature = inspect.signature(base.__call__)
