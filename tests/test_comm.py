@@ -242,8 +242,26 @@ def _ops_main(rank: int, world: int):
         raise AssertionError("assert_same should raise")
     except ValueError as e:
         assert "config hash differs" in str(e)
+    sums = {(0, "k", r): 2**64 + r for r in range(W)}  # stream checksums: tuple keys, big ints
+    sums[(1, "v", me, (me + 1) % W)] = me
+    got = comm.all_gather_object((sums, [1.5, float("inf"), None, True], "dtype"))
+    assert got[(me + 1) % W][0][(1, "v", (me + 1) % W, (me + 2) % W)] == (me + 1) % W
+    assert all(g[1][1] == float("inf") and type(g[1]) is list and g[2] == "dtype" for g in got)
+    for call in (lambda: comm.all_gather_object({1, 2} if me == 2 % W else "fine"),
+                 lambda: comm.broadcast_object(object() if me == 0 else None, src=0)):
+        try:  # a refused object raises on every rank (the sender names its type, peers name the rank)
+            call()
+            raise AssertionError("unsendable object accepted")
+        except TypeError as e:
+            assert ("cannot be sent" in str(e)), str(e)
     t = torch.tensor([me + 1.0])
     assert comm.all_reduce(t, "sum").item() == sum(range(1, W + 1))
+    # NCCL's code path (one batch_isend_irecv per exchange), run here on gloo
+    batched = Communicator(None, link, ByteLedger(), timeout_s=30.0)
+    batched.backends = {"cpu": "nccl"}
+    assert [int(v) for v in batched.all_gather_tensors(torch.tensor([me * 3]))] == [3 * r for r in range(W)]
+    assert batched.ring_exchange(torch.tensor([me]), 1, dst=nxt, src=prv).wait().item() == prv
+    assert batched.all_gather_object(("x", me)) == [("x", r) for r in range(W)]
     comm.barrier()
     after = ledger.summary()
     assert {k: after[k] for k in ("bytes_sent", "messages", "modeled_comm_s")} == \
@@ -260,7 +278,8 @@ def _ops_main(rank: int, world: int):
     assert s["bytes_sent_warmup"] == exp_sent["k"]
     assert set(ledger.by_peer()) == set(range(W)) - {me}
     mine = {k: s[k] for k in ("bytes_sent", "bytes_uncompressed", "messages", "modeled_comm_s")}
-    tot = ledger.summary_all_ranks(timeout_s=10)
+    from compactfusion.comm import summary_all_ranks
+    tot = summary_all_ranks(ledger, timeout_s=10)
     assert tot["world_size"] == W and tot["per_rank"][me]["bytes_sent"] == s["bytes_sent"]
     assert tot["bytes_sent"] == sum(d["bytes_sent"] for d in tot["per_rank"])
     assert tot["modeled_comm_s"] == max(d["modeled_comm_s"] for d in tot["per_rank"])

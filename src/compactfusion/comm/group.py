@@ -28,24 +28,30 @@ the process* (uncatchable ``SIGABRT``) when a message is larger than the posted 
 with ``check_sizes=True`` while debugging to verify them first with a small control all-gather.
 Ranks in arguments (``sizes`` order, ``dst``, ``src``) are indices within the group
 (``0..size-1``); ``ranks[i]`` is the global rank of index ``i``.
+
+**Devices** (rules in :mod:`.device`): control tensors live on the group's control device (CPU on
+gloo and on mixed ``cpu:gloo,cuda:nccl`` groups, the current GPU on NCCL-only groups); payloads stay
+on their device where the backend carries it (NCCL for CUDA, in one batched exchange) and are staged
+through the control device otherwise. Control *objects* travel as tagged JSON (:mod:`.control`),
+never pickle. On NCCL, waiting with a timeout blocks the host until the op completes.
 """
 from __future__ import annotations
 
 import math
-import pickle
 import time
-from datetime import timedelta
 from typing import Any, Callable, NamedTuple, Sequence
 
 import torch
 import torch.distributed as dist
 
+from . import control
+from .device import backend_map, batched_p2p, control_device, group_timeout, transport_device
 from .errors import CommError, OpContext, backend_error, wait_works
 from .ledger import ByteLedger
 from .link import LinkModel
 
 __all__ = ["Communicator", "CommHandle", "MeshGroup", "mesh_partition", "make_mesh_groups",
-           "make_mesh_communicators"]
+           "make_mesh_communicators", "summary_all_ranks"]
 
 _MAX_TAG = 2**31 - 1
 _REDUCE_OPS = {"sum": torch.add, "max": torch.maximum, "min": torch.minimum, "prod": torch.mul}
@@ -135,6 +141,7 @@ class Communicator:
         self._seq = 0
         self._tag_base = 0  # temporary communicators on a shared group use a disjoint tag range
         self._broken: CommError | None = None
+        self.backends = backend_map(group)  # {device type: backend}, e.g. {"cpu": "gloo", "cuda": "nccl"}
 
     def __repr__(self) -> str:
         return (f"Communicator(ranks={list(self.ranks)}, rank={self.rank}, link={self.link!r}, "
@@ -144,7 +151,16 @@ class Communicator:
     def global_rank(self) -> int:
         return self.ranks[self.rank]
 
+    @property
+    def control_device(self) -> torch.device:
+        """Where control tensors of this group live (see :func:`.device.control_device`)."""
+        return control_device(self.backends)
+
     # -- internals -------------------------------------------------------------------------------
+    def _stage(self, x: torch.Tensor) -> torch.Tensor:
+        """``x`` on the device its backend carries (itself when it already is)."""
+        d = transport_device(x.device, self.backends)
+        return x if d == x.device else x.to(d)
     def _ctx(self, op: str, layer: Any, step: Any, tensor: Any) -> OpContext:
         ctx = OpContext(op, layer, step, tensor, self.ranks, self.timeout_s)
         if self._broken is not None:
@@ -196,7 +212,17 @@ class Communicator:
 
     def _start_p2p(self, ctx: OpContext, sends: list[tuple[int, torch.Tensor]],
                    recvs: list[tuple[int, torch.Tensor]], tag: int) -> list:
-        """Post all receives, then all sends (so no ordering can deadlock); empty messages skipped."""
+        """Post all receives, then all sends (so no ordering can deadlock); empty messages skipped.
+        On NCCL the whole exchange is one ``batch_isend_irecv`` (NCCL needs sends and receives of an
+        exchange grouped; NCCL ignores tags, its per-pair order is the op order)."""
+        bufs = [b for _, b in recvs + sends if b.numel() > 0]
+        if bufs and batched_p2p(bufs[0].device, self.backends):
+            def start_batched():
+                ops = [dist.P2POp(dist.irecv, b, self.ranks[i], self.group, tag) for i, b in recvs if b.numel() > 0]
+                ops += [dist.P2POp(dist.isend, b, self.ranks[i], self.group, tag) for i, b in sends if b.numel() > 0]
+                return list(dist.batch_isend_irecv(ops))
+            return self._guard(ctx, start_batched)
+
         def start():
             works = []
             for i, buf in recvs:
@@ -212,11 +238,16 @@ class Communicator:
         """Control all-gather of a fixed-length int64 vector; every member gets every row."""
         if self.size == 1:
             return [list(vec)]
-        raw = torch.tensor(vec, dtype=torch.int64).view(torch.uint8)
+        raw = torch.tensor(vec, dtype=torch.int64, device=self.control_device).view(torch.uint8)
         works, outs, peers = self._start_all_gather(ctx, raw, [raw.numel()] * self.size)
         self._wait(ctx, works)
         self.ledger.record_control(raw.numel() * len(peers), len(peers))
-        return [o.view(torch.int64).tolist() for o in outs]
+        return torch.stack(outs).view(torch.int64).cpu().tolist()
+
+    def all_gather_ints(self, vec: Sequence[int], *, what: str = "control") -> list[list[int]]:
+        """Control all-gather of a fixed-length int64 vector (same length on every rank); returns
+        every group rank's vector, in group order."""
+        return self._gather_ints(self._ctx("all_gather_ints", None, None, what), [int(v) for v in vec])
 
     def _size_mismatch(self, ctx: OpContext, problems: list[str]) -> None:
         if problems:  # every rank sees the same table, so every rank raises here: no desync
@@ -263,9 +294,11 @@ class Communicator:
                              f"has {payload.numel()} bytes")
         b = payload.numel()
         unc = b if uncompressed_nbytes is None else int(uncompressed_nbytes)
-        works, outs, peers = self._start_all_gather(ctx, payload, sizes)
+        works, outs, peers = self._start_all_gather(ctx, self._stage(payload), sizes)
+        outs[self.rank] = payload
         modeled = self._account(ctx, [(self.ranks[i], b, unc) for i in peers], warmup)
-        return CommHandle(self, ctx, works, lambda: outs, modeled, b * len(peers))
+        dev = payload.device
+        return CommHandle(self, ctx, works, lambda: [o.to(dev) for o in outs], modeled, b * len(peers))
 
     def all_gather_bytes(self, payload: torch.Tensor, sizes: Sequence[int], **kw: Any) -> list[torch.Tensor]:
         """Blocking :meth:`all_gather_async`."""
@@ -320,14 +353,16 @@ class Communicator:
         # thread blocked, and process exit then waits for the group's own timeout (30 min on a
         # default WORLD); timed-out p2p ops leave nothing behind.
         tag = self._next_tag()
-        recvs = [(i, torch.empty(recv_sizes[i], dtype=torch.uint8, device=chunks[i].device)) for i in peers]
+        dev = chunks[self.rank].device
+        xdev = transport_device(dev, self.backends)
+        recvs = [(i, torch.empty(recv_sizes[i], dtype=torch.uint8, device=xdev)) for i in peers]
         order = [(self.rank + k) % self.size for k in range(1, self.size)]
-        works = self._start_p2p(ctx, [(i, chunks[i]) for i in order], recvs, tag)
+        works = self._start_p2p(ctx, [(i, self._stage(chunks[i])) for i in order], recvs, tag)
         outs: list[Any] = [None] * self.size
         outs[self.rank] = chunks[self.rank]
         for i, buf in recvs:
             outs[i] = buf
-        return CommHandle(self, ctx, works, lambda: outs, modeled, nbytes)
+        return CommHandle(self, ctx, works, lambda: [o.to(dev) for o in outs], modeled, nbytes)
 
     def all_to_all_bytes(self, chunks: Sequence[torch.Tensor], recv_sizes: Sequence[int], **kw: Any) -> list[torch.Tensor]:
         """Blocking :meth:`all_to_all_async`."""
@@ -368,9 +403,15 @@ class Communicator:
             return CommHandle(self, ctx, [], lambda: out, 0.0, 0)
         unc = nbytes if uncompressed_nbytes is None else int(uncompressed_nbytes)
         tag = self._next_tag()
-        works = self._start_p2p(ctx, [(dst, send.reshape(-1))], [(src, out)], tag)
+        wire_out = self._stage(out)  # `out` itself unless this backend cannot carry its device
+
+        def finish():
+            if wire_out is not out:
+                out.copy_(wire_out)
+            return out
+        works = self._start_p2p(ctx, [(dst, self._stage(send).reshape(-1))], [(src, wire_out)], tag)
         modeled = self._account(ctx, [(self.ranks[dst], nbytes, unc)], warmup)
-        return CommHandle(self, ctx, works, lambda: out, modeled, nbytes)
+        return CommHandle(self, ctx, works, finish, modeled, nbytes)
 
     # -- control ops (not data bytes: counted as control, never in the link model) ---------------
     def all_reduce(self, x: torch.Tensor, op: str = "sum", *, what: str = "control") -> torch.Tensor:
@@ -383,11 +424,11 @@ class Communicator:
             raise ValueError(f"all_reduce op {op!r} not understood; use one of {sorted(_REDUCE_OPS)}")
         if self.size == 1:
             return x
-        raw = _as_bytes(x).clone()
+        raw = _as_bytes(x).to(self.control_device, copy=True)
         works, outs, peers = self._start_all_gather(ctx, raw, [raw.numel()] * self.size)
         self._wait(ctx, works)
         self.ledger.record_control(raw.numel() * len(peers), len(peers))
-        vals = [o.view(x.dtype).reshape(x.shape) for o in outs]
+        vals = [o.view(x.dtype).reshape(x.shape).to(x.device) for o in outs]
         acc = vals[0].clone()
         for v in vals[1:]:
             acc = _REDUCE_OPS[op](acc, v)
@@ -395,20 +436,31 @@ class Communicator:
         return x
 
     def barrier(self) -> None:
-        self.all_reduce(torch.zeros(1, dtype=torch.int64), what="barrier")
+        self.all_reduce(torch.zeros(1, dtype=torch.int64, device=self.control_device), what="barrier")
+
+    def _bytes_tensor(self, data: bytes) -> torch.Tensor:
+        t = torch.frombuffer(bytearray(data), dtype=torch.uint8) if data else torch.empty(0, dtype=torch.uint8)
+        return t.to(self.control_device)
 
     def broadcast_object(self, obj: Any = None, src: int = 0) -> Any:
-        """Pickle ``obj`` on group rank ``src`` and return it on every rank."""
+        """Send ``obj`` from group rank ``src`` to every rank (tagged JSON, see :mod:`.control`: plain
+        data only, ``TypeError`` otherwise); returns it on every rank."""
         ctx = self._ctx("broadcast_object", None, None, "control")
         if not (isinstance(src, int) and 0 <= src < self.size):
             raise ValueError(f"{ctx.describe()}: src={src!r} is not a group rank index in [0, {self.size})")
+        data, refused = b"", None
+        if self.rank == src:
+            try:
+                data = control.encode(obj)
+            except TypeError as e:  # still send a length (-1), so the receivers raise too instead of hanging
+                refused = e
         if self.size == 1:
+            if refused is not None:
+                raise refused
             return obj
         others = [i for i in range(self.size) if i != src]
-        length = torch.zeros(1, dtype=torch.int64)
-        if self.rank == src:
-            data = pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL)
-            length[0] = len(data)
+        dev = self.control_device
+        length = torch.tensor([-1 if refused else len(data)], dtype=torch.int64, device=dev)
         tag = self._next_tag()
         lraw = length.view(torch.uint8)
         if self.rank == src:
@@ -416,28 +468,42 @@ class Communicator:
         else:
             self._wait(ctx, self._start_p2p(ctx, [], [(src, lraw)], tag))
         n = int(length.item())
+        if refused is not None:
+            raise refused
+        if n < 0:
+            raise TypeError(f"{ctx.describe()}: rank {self.ranks[src]} passed an object that cannot be sent as a "
+                            f"control message (see its TypeError)")
         tag = self._next_tag()
         if self.rank == src:
-            buf = torch.frombuffer(bytearray(data), dtype=torch.uint8) if n else torch.empty(0, dtype=torch.uint8)
-            self._wait(ctx, self._start_p2p(ctx, [(i, buf) for i in others], [], tag))
+            self._wait(ctx, self._start_p2p(ctx, [(i, self._bytes_tensor(data)) for i in others], [], tag))
             self.ledger.record_control((n + 8) * len(others), 2 * len(others))
             return obj
-        buf = torch.empty(n, dtype=torch.uint8)
+        buf = torch.empty(n, dtype=torch.uint8, device=dev)
         self._wait(ctx, self._start_p2p(ctx, [], [(src, buf)], tag))
-        return pickle.loads(buf.numpy().tobytes())
+        return control.decode(buf.cpu().numpy().tobytes())
 
     def all_gather_object(self, obj: Any) -> list[Any]:
-        """Pickle ``obj`` on every rank; return the list of every rank's object (group order)."""
+        """Every rank's ``obj`` (tagged JSON, see :mod:`.control`), in group order. An object that
+        cannot be sent raises ``TypeError`` on every rank (the others name the offending ranks)."""
         ctx = self._ctx("all_gather_object", None, None, "control")
         if self.size == 1:
+            control.encode(obj)  # same refusal as with peers
             return [obj]
-        data = pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL)
-        sizes = [row[0] for row in self._gather_ints(ctx, [len(data)])]
-        payload = torch.frombuffer(bytearray(data), dtype=torch.uint8) if data else torch.empty(0, dtype=torch.uint8)
-        works, outs, peers = self._start_all_gather(ctx, payload, sizes)
+        try:
+            data, refused = control.encode(obj), None
+        except TypeError as e:  # still join the size exchange (-1), so every rank raises, none hangs
+            data, refused = b"", e
+        sizes = [row[0] for row in self._gather_ints(ctx, [-1 if refused else len(data)])]
+        if refused is not None:
+            raise refused
+        bad = [self.ranks[i] for i, n in enumerate(sizes) if n < 0]
+        if bad:
+            raise TypeError(f"{ctx.describe()}: rank(s) {bad} passed an object that cannot be sent as a control "
+                            f"message (see their TypeError)")
+        works, outs, peers = self._start_all_gather(ctx, self._bytes_tensor(data), sizes)
         self._wait(ctx, works)
         self.ledger.record_control(len(data) * len(peers), len(peers))
-        return [obj if i == self.rank else pickle.loads(o.numpy().tobytes()) for i, o in enumerate(outs)]
+        return [obj if i == self.rank else control.decode(o.cpu().numpy().tobytes()) for i, o in enumerate(outs)]
 
     def assert_same(self, obj: Any, what: str = "value") -> Any:
         """Raise ``ValueError`` on every rank unless all ranks passed equal ``obj`` (e.g. a config hash)."""
@@ -458,7 +524,7 @@ class Communicator:
         if len(set(ranks)) != len(ranks) or not set(ranks) <= set(range(dist.get_world_size())):
             raise ValueError(f"subgroup ranks {ranks} must be distinct global ranks")
         t = self.timeout_s if timeout_s is None else float(timeout_s)
-        g = dist.new_group(ranks, timeout=timedelta(seconds=t))
+        g = dist.new_group(ranks, timeout=group_timeout(t))
         if dist.get_rank() not in ranks:
             return None
         return Communicator(g, self.link, self.ledger, t, ranks=ranks, check_sizes=self.check_sizes, owns_group=True)
@@ -470,6 +536,18 @@ class Communicator:
             self.group = None
             self._owns_group = False
             self._broken = CommError("communicator closed")
+
+
+def summary_all_ranks(ledger: ByteLedger, group: Any = None, timeout_s: float = 30.0) -> dict[str, Any]:
+    """:meth:`ByteLedger.summary_all_ranks` over ``group`` (a Communicator, a process group, or None for
+    WORLD). Collective: every member calls it; a peer that does not join within the timeout (the
+    Communicator's own when one is passed) raises ``CommTimeoutError``."""
+    if isinstance(group, Communicator):
+        comm = group
+    else:  # a throwaway communicator on a shared group: its own tag range and ledger (control bytes)
+        comm = Communicator(group, None, ByteLedger(), timeout_s)
+        comm._tag_base = 1 << 30
+    return ledger.summary_all_ranks(lambda vec: comm.all_gather_ints(vec, what="ledger"))
 
 
 # ---- meshes --------------------------------------------------------------------------------------
@@ -506,7 +584,7 @@ def make_mesh_groups(world: int | None, dims: dict[str, int], *, timeout_s: floa
     mine: dict[str, MeshGroup] = {}
     for name, groups in mesh_partition(world, dims).items():
         for ranks in groups:
-            g = dist.new_group(list(ranks), timeout=timedelta(seconds=timeout_s))
+            g = dist.new_group(list(ranks), timeout=group_timeout(timeout_s))
             if me in ranks:
                 mine[name] = MeshGroup(g, ranks, ranks.index(me))
     return mine

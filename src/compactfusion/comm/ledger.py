@@ -7,7 +7,7 @@ reductions) is counted apart from data and never enters ``bytes_sent`` or ``mode
 """
 from __future__ import annotations
 
-from typing import Any, Hashable, Iterable
+from typing import Any, Callable, Hashable, Iterable
 
 __all__ = ["ByteLedger"]
 
@@ -143,27 +143,18 @@ class ByteLedger:
     _VEC = ("bytes_sent", "bytes_uncompressed", "messages", "bytes_sent_warmup", "bytes_uncompressed_warmup",
             "control_bytes", "control_messages")
 
-    def summary_all_ranks(self, group: Any = None, timeout_s: float = 30.0) -> dict[str, Any]:
-        """Collective over ``group`` (a Communicator, a process group, or None for WORLD): every
-        member must call it. Raises ``CommTimeoutError`` if a peer does not join within ``timeout_s``
-        (a Communicator's own ``timeout_s`` applies when one is passed).
+    def summary_all_ranks(self, gather: Callable[[list[int]], list[list[int]]]) -> dict[str, Any]:
+        """Totals over a group, from one all-gather of a small int64 vector per rank.
 
-        One all-gather of a small int64 vector per rank (modelled seconds as integer nanoseconds),
-        so sums and the slowest rank's time come from a single exchange. Returns the summed byte and
-        message counts, ``modeled_comm_s`` = max over ranks (ranks send concurrently),
+        ``gather(vec)`` must return every group member's ``vec`` in group order (e.g.
+        ``Communicator.all_gather_ints``; :func:`compactfusion.comm.summary_all_ranks` wires one up):
+        the ledger does no I/O itself. Modelled seconds travel as integer nanoseconds. Returns the
+        summed byte and message counts, ``modeled_comm_s`` = max over ranks (ranks send concurrently),
         ``modeled_comm_s_sum``, ``world_size`` and ``per_rank`` (one summary per group rank).
         """
-        from .group import Communicator
-
-        if isinstance(group, Communicator):
-            comm = group
-        else:  # a throwaway communicator; its own ledger takes the control bytes
-            comm = Communicator(group, None, ByteLedger(), timeout_s)
-            comm._tag_base = 1 << 30
         s = self.summary()
         vec = [int(s[k]) for k in self._VEC] + [int(round(s["modeled_comm_s"] * 1e9))]
-        ctx = comm._ctx("ledger.summary_all_ranks", None, None, "ledger")
-        rows = comm._gather_ints(ctx, vec)
+        rows = gather(vec)
         per_rank = []
         for v in rows:
             d: dict[str, Any] = dict(zip(self._VEC, v))
