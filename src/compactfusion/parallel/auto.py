@@ -1,0 +1,183 @@
+"""``codec="auto"``: per layer, the codec with the lowest predicted time, never coarser than a floor.
+
+Predicted time of one op for a candidate ``spec`` on a per-rank stream of shape ``(N, C)``:
+
+    encode_s + decodes * decode_s + LinkModel(bandwidth, latency).op_cost([nbytes] * messages)
+
+where ``nbytes`` is the codec's own ``encoded_nbytes(N, C)`` (``"none"``: the raw tensor) and the link
+cost is :class:`~compactfusion.comm.LinkModel`'s formula (the one place it lives). ``messages`` is
+how many times the payload goes on the wire per op (``W - 1`` for ring and all-gather), ``decodes``
+how many payloads a rank decodes (``W - 1`` too). Uncompressed costs no coding.
+
+Fidelity floor: a candidate is allowed when it keeps at least as many bits per element at this shape
+as the floor codec (``floor="int2"``: int2, int4, int8, fp16, ... and ``"none"``; binary and low-rank
+excluded). Ties go to the finer codec, so on an infinitely fast link ``"none"`` wins, and with
+``margin`` a codec must beat uncompressed by that fraction to be chosen (guards against timing noise).
+
+:func:`choose_codec` is pure (the timings come in through ``coding_time_fn``);
+:func:`measure_coding_times` times the codecs at the actual shape (residual subtraction and update
+included) and :func:`agreed_coding_times` makes the result identical on every rank, which the
+choice must be. :class:`AutoPlan` keeps the per-layer choices as a ``CompressionConfig.plan``.
+"""
+from __future__ import annotations
+
+import math
+import time
+from typing import Callable, Iterable, NamedTuple, Sequence
+
+import torch
+
+from ..codecs import get_codec
+from ..comm import LinkModel
+from ..comm.probe import agree_max
+
+__all__ = ["Choice", "choose_codec", "measure_coding_times", "agreed_coding_times", "bits_per_element",
+           "AutoPlan", "UNCOMPRESSED"]
+
+UNCOMPRESSED = "none"
+CodingTimeFn = Callable[[str, tuple, torch.dtype], "tuple[float, float]"]
+
+
+class Choice(NamedTuple):
+    spec: str
+    predicted_s: float
+    table: dict  # {spec: predicted seconds} for every allowed candidate (for stats)
+
+
+def _raw_nbytes(n: int, c: int, dtype: torch.dtype) -> int:
+    return n * c * torch.empty((), dtype=dtype).element_size()
+
+
+def wire_nbytes(spec: str, shape: tuple, dtype: torch.dtype) -> int:
+    n, c = int(shape[0]), int(shape[1])
+    return _raw_nbytes(n, c, dtype) if spec == UNCOMPRESSED else get_codec(spec).encoded_nbytes(n, c)
+
+
+def bits_per_element(spec: str, shape: tuple, dtype: torch.dtype) -> float:
+    n, c = int(shape[0]), int(shape[1])
+    return 8.0 * wire_nbytes(spec, shape, dtype) / (n * c)
+
+
+def _check_shape(shape) -> tuple[int, int]:
+    if len(shape) != 2 or any(isinstance(s, bool) or not isinstance(s, int) or s < 1 for s in shape):
+        raise ValueError(f"shape must be a per-rank stream shape (N, C) of positive ints, got {shape!r}")
+    return int(shape[0]), int(shape[1])
+
+
+def choose_codec(candidates: Sequence[str], shape: tuple, dtype: torch.dtype, bandwidth_Bps: float, latency_s: float,
+                 coding_time_fn: CodingTimeFn, floor: str | None = None, *, messages: int = 1,
+                 decodes: int | None = None, margin: float = 0.0) -> Choice:
+    """The cheapest allowed candidate for one layer (see the module docstring). ``"none"`` is always a
+    candidate. ``coding_time_fn(spec, shape, dtype) -> (encode_s, decode_s)``."""
+    shape = _check_shape(shape)
+    if floor is not None and floor != UNCOMPRESSED:
+        get_codec(floor)  # validates the spec (ValueError lists the valid ones)
+    if not (0.0 <= margin < 1.0):
+        raise ValueError(f"margin must be in [0, 1), got {margin!r}")
+    if isinstance(messages, bool) or not isinstance(messages, int) or messages < 0:
+        raise ValueError(f"messages must be an integer >= 0, got {messages!r}")
+    decodes = messages if decodes is None else int(decodes)
+    link = LinkModel(bandwidth=bandwidth_Bps, latency=latency_s, mode="virtual")  # validates both numbers
+    need = 0.0 if floor is None else bits_per_element(floor, shape, dtype)
+    specs = list(dict.fromkeys([UNCOMPRESSED, *candidates]))
+    table: dict[str, float] = {}
+    for spec in specs:
+        if spec != UNCOMPRESSED and bits_per_element(spec, shape, dtype) < need:
+            continue  # coarser than the floor
+        enc, dec = (0.0, 0.0) if spec == UNCOMPRESSED else coding_time_fn(spec, shape, dtype)
+        if not all(math.isfinite(t) and t >= 0 for t in (enc, dec)):
+            raise ValueError(f"coding_time_fn gave ({enc!r}, {dec!r}) s for {spec!r}; need finite times >= 0")
+        table[spec] = enc + decodes * dec + link.op_cost([wire_nbytes(spec, shape, dtype)] * messages)
+
+    def key(spec: str):  # predicted time (compressed ones handicapped by margin), then finer first
+        t = table[spec] if spec == UNCOMPRESSED else table[spec] / (1.0 - margin)
+        return (t, -bits_per_element(spec, shape, dtype))
+    best = min(table, key=key)
+    return Choice(best, table[best], table)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def measure_coding_times(specs: Iterable[str], shape: tuple, dtype: torch.dtype, device: torch.device | str = "cpu",
+                         reps: int = 3, seed: int = 0) -> dict[str, tuple[float, float]]:
+    """Median ``(encode_s, decode_s)`` per codec at ``shape``/``dtype``/``device``, as the residual path
+    runs them: encode of ``x - base``, and decode followed by ``base + decoded``."""
+    n, c = _check_shape(shape)
+    device = torch.device(device)
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    base = torch.randn(n, c, generator=g).to(device=device, dtype=dtype)
+    x = (base.float() + 0.1 * torch.randn(n, c, generator=g).to(device)).to(dtype)
+    out: dict[str, tuple[float, float]] = {}
+    for spec in dict.fromkeys(specs):
+        if spec == UNCOMPRESSED:
+            out[spec] = (0.0, 0.0)
+            continue
+        codec = get_codec(spec)
+        enc_t, dec_t = [], []
+        for i in range(reps + 1):  # the first round warms caches / kernels
+            _sync(device)
+            t0 = time.perf_counter()
+            payload = codec.encode(x - base)
+            _sync(device)
+            t1 = time.perf_counter()
+            _ = base + codec.decode(payload, (n, c), dtype)
+            _sync(device)
+            t2 = time.perf_counter()
+            if i:
+                enc_t.append(t1 - t0)
+                dec_t.append(t2 - t1)
+        out[spec] = (sorted(enc_t)[len(enc_t) // 2], sorted(dec_t)[len(dec_t) // 2])
+    return out
+
+
+def agreed_coding_times(comm, times: dict[str, tuple[float, float]]) -> dict[str, tuple[float, float]]:
+    """The slowest rank's times per codec, identical on every member of ``comm`` (every rank must pass
+    the same specs in the same order)."""
+    specs = list(times)
+    flat = agree_max(comm, [t for s in specs for t in times[s]])
+    return {s: (flat[2 * i], flat[2 * i + 1]) for i, s in enumerate(specs)}
+
+
+class AutoPlan:
+    """A ``CompressionConfig.plan`` whose per-layer codec is chosen once per layer by :meth:`decide`.
+
+    Until a layer is decided it is sent uncompressed (never slower than today's default). Call
+    :meth:`decide` on every rank with agreed numbers (:func:`agreed_coding_times`,
+    :func:`~compactfusion.comm.probe.probe_link`), so every rank's plan stays identical.
+    """
+
+    def __init__(self, candidates: Sequence[str], floor: str | None = None, margin: float = 0.05):
+        for spec in candidates:
+            if spec != UNCOMPRESSED:
+                get_codec(spec)
+        self.candidates = tuple(dict.fromkeys(candidates))
+        self.floor, self.margin = floor, float(margin)
+        self.choices: dict[int, Choice] = {}
+        self.__name__ = f"auto({','.join(self.candidates)}; floor={floor})"
+
+    def __call__(self, layer: int, step: int) -> str:
+        c = self.choices.get(layer)
+        return UNCOMPRESSED if c is None else c.spec
+
+    def decided(self, layer: int) -> bool:
+        return layer in self.choices
+
+    def decide(self, layer: int, shape: tuple, dtype: torch.dtype, bandwidth_Bps: float, latency_s: float,
+               coding_times: dict[str, tuple[float, float]], *, messages: int = 1) -> Choice:
+        def fn(spec, shp, dt):
+            return coding_times[spec]
+        choice = choose_codec(self.candidates, shape, dtype, bandwidth_Bps, latency_s, fn, self.floor,
+                              messages=messages, margin=self.margin)
+        self.choices[layer] = choice
+        return choice
+
+    def stats(self) -> dict:
+        """JSON-safe ``{layer: {"codec", "predicted_s", "candidates_s"}}`` for ``cf.stats``."""
+        return {int(l): {"codec": c.spec, "predicted_s": c.predicted_s, "candidates_s": dict(c.table)}
+                for l, c in sorted(self.choices.items())}
+
+    def reset(self) -> None:
+        self.choices.clear()
