@@ -8,6 +8,7 @@ import torch
 
 from .affine import AffineCodec
 from .base import Codec
+from .budget import BudgetLowRankInt4Codec, parse_budget
 from .lowrank import LowRankCodec, LowRankInt4Codec
 from .raw import RawCodec
 from .sign import BinaryCodec, Int2Codec
@@ -30,6 +31,7 @@ CODEC_SPECS: tuple[str, ...] = (
     "binary",
     "lowrank:8",
     "lowrank-int4:32",
+    "lowrank-int4-bpe:1.0",
     "topk:16",
 )
 
@@ -45,7 +47,7 @@ _INT = re.compile(r"[1-9][0-9]*\Z")
 
 VALID_SPECS_TEXT = (
     "fp16, bf16, fp32, raw:<float16|bfloat16|float32|float64>, int8, int4, int2, binary, "
-    f"lowrank:<R>, lowrank-int4:<R> (1 <= R <= {MAX_RANK}), topk:<M> ({TOPK_MIN_BLOCK} <= M <= {TOPK_MAX_BLOCK})"
+    f"lowrank:<R>, lowrank-int4:<R> (1 <= R <= {MAX_RANK}), lowrank-int4-bpe:<bits per element, e.g. 1.0>, topk:<M> ({TOPK_MIN_BLOCK} <= M <= {TOPK_MAX_BLOCK})"
 )
 
 
@@ -70,6 +72,12 @@ def parse_codec_spec(spec: str) -> tuple[str, int | str | None]:
         if name not in _RAW_DTYPES:
             raise _bad(spec, f"unknown raw dtype {arg!r}")
         return "raw", name
+    if family == "lowrank-int4-bpe":
+        try:
+            parse_budget(arg)
+        except ValueError as e:
+            raise _bad(spec, str(e)) from None
+        return family, arg
     if family in ("lowrank", "lowrank-int4", "topk"):
         if not _INT.match(arg):
             raise _bad(spec, f"parameter {arg!r} is not a positive integer")
@@ -104,4 +112,6 @@ def get_codec(spec: str) -> Codec:
         return LowRankCodec(param)
     if family == "lowrank-int4":
         return LowRankInt4Codec(param)
+    if family == "lowrank-int4-bpe":
+        return BudgetLowRankInt4Codec(param, MAX_RANK)
     return TopKCodec(param)
