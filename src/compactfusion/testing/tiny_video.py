@@ -1,0 +1,75 @@
+"""Tiny random-weight video families: Wan 2.1 / 2.2, LTX-Video, CogVideoX, HunyuanVideo (1.0 and 1.5).
+
+``tiny_<family>_transformer(seed, ...)`` returns ``(transformer, make_kwargs)``;
+``make_kwargs(batch=1, grid=(f, h, w), text=7, seed=0)`` builds seeded forward kwargs whose image token count
+is ``f*h*w`` AFTER patching (choose e.g. (1, 3, 5) for a count that divides neither 2 nor 4), with
+``return_dict=False``. Pipelines use tiny T5/UMT5 encoders with the hand-built tokenizer where the family's
+encoder is T5-like; Llama/Qwen-VL encoders are replaced by precomputed embeddings (see tiny_call_kwargs).
+"""
+from __future__ import annotations
+
+import torch
+
+from ._parts import eval_pipe, randn, t5, t5_tokenizer, umt5
+
+
+# ---- Wan 2.1 / 2.2 -------------------------------------------------------------------------------------------
+
+def tiny_wan_transformer(seed: int = 0, heads: int = 2, head_dim: int = 12, layers: int = 2, in_channels: int = 16):
+    from diffusers import WanTransformer3DModel
+    torch.manual_seed(seed)
+    tr = WanTransformer3DModel(patch_size=(1, 2, 2), num_attention_heads=heads, attention_head_dim=head_dim,
+                               in_channels=in_channels, out_channels=in_channels, text_dim=32, freq_dim=256,
+                               ffn_dim=32, num_layers=layers, cross_attn_norm=True, qk_norm="rms_norm_across_heads",
+                               rope_max_seq_len=32).eval()
+
+    def make_kwargs(batch=1, grid=(2, 3, 5), text=7, seed=0, per_token_timestep=False):
+        """``per_token_timestep``: a (B, f*h*w) timestep like Wan 2.2 TI2V (first frame at t=0, the rest 0.5*1000)."""
+        g = torch.Generator().manual_seed(seed)
+        f, h, w = grid
+        timestep = torch.full((batch,), 500.0)
+        if per_token_timestep:
+            timestep = torch.full((batch, f * h * w), 500.0)
+            timestep[:, : h * w] = 0.0
+        return dict(hidden_states=randn(g, batch, in_channels, f, 2 * h, 2 * w), timestep=timestep,
+                    encoder_hidden_states=randn(g, batch, text, 32), return_dict=False)
+    return tr, make_kwargs
+
+
+def _wan_vae(z_dim=16, **kw):
+    from diffusers import AutoencoderKLWan
+    return AutoencoderKLWan(base_dim=3, z_dim=z_dim, dim_mult=[1, 1, 1, 1], num_res_blocks=1,
+                            temperal_downsample=[False, True, True], **kw)
+
+
+def tiny_wan(seed: int = 0):
+    """Wan 2.1 T2V: one transformer, separate cond/uncond transformer calls per step."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, WanPipeline
+    transformer, _ = tiny_wan_transformer(seed)
+    torch.manual_seed(seed)
+    return eval_pipe(WanPipeline(tokenizer=t5_tokenizer(), text_encoder=umt5(), vae=_wan_vae(), transformer=transformer,
+                                 scheduler=FlowMatchEulerDiscreteScheduler(shift=7.0)))
+
+
+def tiny_wan22(seed: int = 0):
+    """Wan 2.2 A14B layout: ``transformer`` (high noise) and ``transformer_2`` (low noise) switched at
+    ``boundary_ratio`` (0.875: with 2+ steps the first step uses ``transformer``, later ones ``transformer_2``)."""
+    from diffusers import UniPCMultistepScheduler, WanPipeline
+    transformer, _ = tiny_wan_transformer(seed)
+    transformer_2, _ = tiny_wan_transformer(seed + 1)
+    torch.manual_seed(seed)
+    sched = UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=3.0)
+    return eval_pipe(WanPipeline(tokenizer=t5_tokenizer(), text_encoder=umt5(), vae=_wan_vae(), transformer=transformer,
+                                 transformer_2=transformer_2, boundary_ratio=0.875, scheduler=sched))
+
+
+def tiny_wan22_ti2v(seed: int = 0):
+    """Wan 2.2 TI2V-5B layout: ``expand_timesteps=True`` -> per-token (B, S) timesteps, 48-channel residual VAE."""
+    from diffusers import UniPCMultistepScheduler, WanPipeline
+    transformer, _ = tiny_wan_transformer(seed, in_channels=48)
+    torch.manual_seed(seed)
+    vae = _wan_vae(z_dim=48, in_channels=12, out_channels=12, is_residual=True, patch_size=2,
+                   latents_mean=[0.0] * 48, latents_std=[1.0] * 48, scale_factor_spatial=16, scale_factor_temporal=4)
+    sched = UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=3.0)
+    return eval_pipe(WanPipeline(tokenizer=t5_tokenizer(), text_encoder=umt5(), vae=vae, transformer=transformer,
+                                 scheduler=sched, expand_timesteps=True))
