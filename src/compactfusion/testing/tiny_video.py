@@ -73,3 +73,46 @@ def tiny_wan22_ti2v(seed: int = 0):
     sched = UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=3.0)
     return eval_pipe(WanPipeline(tokenizer=t5_tokenizer(), text_encoder=umt5(), vae=vae, transformer=transformer,
                                  scheduler=sched, expand_timesteps=True))
+
+
+# ---- LTX-Video -----------------------------------------------------------------------------------------------
+
+def tiny_ltx_transformer(seed: int = 0, heads: int = 4, head_dim: int = 8, layers: int = 1):
+    from diffusers import LTXVideoTransformer3DModel
+    torch.manual_seed(seed)
+    tr = LTXVideoTransformer3DModel(in_channels=8, out_channels=8, patch_size=1, patch_size_t=1,
+                                    num_attention_heads=heads, attention_head_dim=head_dim, cross_attention_dim=32,
+                                    num_layers=layers, caption_channels=32).eval()
+
+    def make_kwargs(batch=1, grid=(2, 3, 5), text=7, seed=0, text_pad=0):
+        """``text_pad`` > 0 zeroes that many trailing entries of the last sample's text mask (the pipeline
+        always passes a T5 padding mask)."""
+        g = torch.Generator().manual_seed(seed)
+        f, h, w = grid
+        mask = torch.ones(batch, text, dtype=torch.long)
+        if text_pad:
+            mask[-1, text - text_pad:] = 0
+        return dict(hidden_states=randn(g, batch, f * h * w, 8), encoder_hidden_states=randn(g, batch, text, 32),
+                    timestep=torch.full((batch,), 500.0), encoder_attention_mask=mask, num_frames=f, height=h,
+                    width=w, rope_interpolation_scale=(1.0, 1.0, 1.0), return_dict=False)
+    return tr, make_kwargs
+
+
+def tiny_ltx(seed: int = 0):
+    """LTXPipeline: CFG is ONE transformer call per step on a 2B batch, with a T5 padding mask."""
+    from diffusers import AutoencoderKLLTXVideo, FlowMatchEulerDiscreteScheduler, LTXPipeline
+    transformer, _ = tiny_ltx_transformer(seed)
+    torch.manual_seed(seed)
+    vae = AutoencoderKLLTXVideo(in_channels=3, out_channels=3, latent_channels=8, block_out_channels=(8, 8, 8, 8),
+                                decoder_block_out_channels=(8, 8, 8, 8), layers_per_block=(1, 1, 1, 1, 1),
+                                decoder_layers_per_block=(1, 1, 1, 1, 1),
+                                spatio_temporal_scaling=(True, True, False, False),
+                                decoder_spatio_temporal_scaling=(True, True, False, False),
+                                decoder_inject_noise=(False, False, False, False, False),
+                                upsample_residual=(False, False, False, False), upsample_factor=(1, 1, 1, 1),
+                                timestep_conditioning=False, patch_size=1, patch_size_t=1, encoder_causal=True,
+                                decoder_causal=False)
+    vae.use_framewise_encoding = False
+    vae.use_framewise_decoding = False
+    return eval_pipe(LTXPipeline(scheduler=FlowMatchEulerDiscreteScheduler(), vae=vae, text_encoder=t5(),
+                                 tokenizer=t5_tokenizer(), transformer=transformer))
