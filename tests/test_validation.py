@@ -43,8 +43,25 @@ def folders(tmp_path_factory):
         (root / name).mkdir()
         (root / name / "model_index.json").write_text(json.dumps(index))
         out[name] = str(root / name)
+    # the Flux folder passes the layout checks (component folders, a transformer config with 3 heads and a
+    # weights file) but cannot be loaded (empty weights, empty scheduler folder): a worker-side failure
+    (root / "flux" / "transformer").mkdir()
+    (root / "flux" / "transformer" / "config.json").write_text('{"num_attention_heads": 3}')
+    (root / "flux" / "transformer" / "diffusion_pytorch_model.safetensors").write_bytes(b"")
+    (root / "flux" / "scheduler").mkdir()
     (root / "afile").write_text("not a folder")
     out["file"] = str(root / "afile")
+    (root / "empty").mkdir()
+    out["empty"] = str(root / "empty")
+    (root / "digits-marker-only").mkdir()
+    (root / "digits-marker-only" / "digits_pipeline.json").write_text('{"pipeline": "DigitsPipeline"}')
+    out["marker_only"] = str(root / "digits-marker-only")
+    (root / "index-only").mkdir()
+    (root / "index-only" / "model_index.json").write_text((root / "flux" / "model_index.json").read_text())
+    out["index_only"] = str(root / "index-only")
+    (root / "done").mkdir()  # a folder with an earlier run's results
+    (root / "done" / "report.json").write_text("{}")
+    out["done"] = str(root / "done")
     return out
 
 
@@ -269,22 +286,56 @@ def _cli_cases(d, f):
                                              "--warmup-generations", "5"], "warmup"),
         "soak: not a digits folder": (["bench", "soak", "--model", f["flux"]], "digits"),
         "train-digits: zero steps": (["train-digits", "--out", "/tmp/x", "--steps", "0"], "--steps"),
+        # issue 14: everything knowable without weights fails before any worker starts
+        "model empty string": (["generate", "--model", ""], "empty"),
+        "model is a file": (["generate", "--model", f["file"]], "is a file"),
+        "model folder empty": (["generate", "--model", f["empty"]], "neither model_index.json"),
+        "digits marker only (never the hub)": (["generate", "--model", f["marker_only"]], "incomplete digits folder"),
+        "diffusers folder missing a component": (["generate", "--model", f["index_only"]], "without a folder"),
+        "hub id not in the local cache": (["generate", "--model", "nobody-cf/not-cached-model"], "cache"),
+        "ulysses degree vs heads (digits: 4)": (g + ["--nproc", "8", "--strategy", "ulysses"], "4 attention heads"),
+        "ulysses degree vs heads (config.json: 3)": (["generate", "--model", f["flux"], "--nproc", "2", "--strategy",
+                                                      "ulysses"], "3 attention heads"),
+        "out empty string": (["generate", "--model", d, "--out", ""], "--out is empty"),
+        "out not writable": (["generate", "--model", d, "--out", f["file"] + "/sub"], "not writable"),
+        "out holds results": (["generate", "--model", d, "--out", f["done"]], "--overwrite"),
+        "steps too large": (g + ["--steps", "1000000000"], "limit"),
+        "height too large": (g + ["--height", "1000000000"], "limit"),
+        "num-images too large": (g + ["--num-images", "1000000"], "limit"),
+        "timeout too large": (g + ["--timeout", "1e20"], "--timeout"),
+        "timeout too small": (g + ["--timeout", "1e-9"], "--timeout"),
+        "timeout nan": (g + ["--timeout", "nan"], "finite"),
+        "guidance inf": (g + ["--guidance-scale", "inf"], "finite"),
+        "guidance nan": (g + ["--guidance-scale", "nan"], "finite"),
+        "delta decay nan": (g + ["--codec", "binary", "--delta-decay", "nan"], "finite"),
+        "rdzv timeout zero": (g + ["--rdzv-timeout", "0"], "--rdzv-timeout"),
+        "rdzv endpoint without port": (g + ["--nnodes", "2", "--rdzv-endpoint", "somehost"], "HOST:PORT"),
+        "sleep link slower than the timeout": (g + ["--nproc", "2", "--bandwidth", "1B/s", "--link-mode", "sleep",
+                                                    "--timeout", "5"], "sleep"),
+        "prompt too long": (g + ["--prompt", "9" * 100_000], "limit"),
+        "long bad prompt is cut": (g + ["--prompt", "x" * 5000], "chars)"),
     }
 
 
-CLI_IDS = list(_cli_cases("D", {"unet": "", "flux": "", "file": ""}))
+CLI_IDS = list(_cli_cases("D", {k: "" for k in ("unet", "flux", "file", "empty", "marker_only", "index_only", "done")}))
 
 
 @pytest.mark.parametrize("case", CLI_IDS)
 def test_cli_one_line_exit_2(case, digits_dir, folders, capsys):
+    import time
+
     from compactfusion.cli.main import main
     argv, word = _cli_cases(digits_dir, folders)[case]
+    t0 = time.monotonic()
     rc = main(argv)
+    elapsed = time.monotonic() - t0
     err = capsys.readouterr().err
     lines = [x for x in err.splitlines() if x.strip()]
     assert rc == 2, (rc, err)
     assert len(lines) == 1 and "Traceback" not in err, err
     assert lines[0].startswith("compactfusion: error:") and word.lower() in lines[0].lower(), lines[0]
+    assert len(lines[0]) <= 300, len(lines[0])
+    assert elapsed < 2.0 or case.startswith(("soak", "train")), f"validation took {elapsed:.2f} s"
 
 
 # ---------------------------------------------------------------------------------------------- CLI, real processes
@@ -303,9 +354,9 @@ def test_console_script_exit_2(argv):
 def test_worker_side_user_error_is_one_line(folders, tmp_path):
     """A user error that only shows up in the workers (the model folder cannot be loaded) still ends in one
     stderr line and exit 2 from the launcher: no traceback from the launcher, the workers or the libraries."""
+    import shutil
     bad = tmp_path / "broken"
-    bad.mkdir()
-    (bad / "model_index.json").write_text(Path(folders["flux"], "model_index.json").read_text())
+    shutil.copytree(folders["flux"], bad)  # passes the layout checks; its empty weights fail in the workers
     r = subprocess.run([str(CONSOLE), "generate", "--model", str(bad), "--nproc", "2", "--steps", "2",
                         "--out", str(tmp_path / "out")], capture_output=True, text=True, timeout=240)
     lines = [x for x in r.stderr.splitlines() if x.strip()]

@@ -11,3 +11,7 @@ class UsageError(Exception):
 class Parser(argparse.ArgumentParser):
     def error(self, message):  # argparse would print the whole usage block first
         raise UsageError(message)
+
+
+class RunFailed(Exception):
+    """A run-time failure that is not a usage error (exit 1, one line): NaN output, ranks that diverged."""

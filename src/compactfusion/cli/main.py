@@ -7,7 +7,7 @@ from __future__ import annotations
 import importlib
 import sys
 
-from .args import UsageError
+from .args import RunFailed, UsageError
 
 BENCHES = {
     "codecs": "compactfusion.bench.codecs",
@@ -27,15 +27,22 @@ commands:
 """.format(benches=", ".join(BENCHES))
 
 
-def fail(message: str) -> int:
-    print(f"compactfusion: error: {message}", file=sys.stderr)
-    return 2
+#: An error is one line of at most this many characters (long values are cut where they are quoted).
+MAX_ERROR_CHARS = 300
+
+
+def fail(message: str, code: int = 2) -> int:
+    line = f"compactfusion: error: {message}"
+    print(line if len(line) <= MAX_ERROR_CHARS else line[:MAX_ERROR_CHARS - 3] + "...", file=sys.stderr)
+    return code
 
 
 def run_guarded(fn, argv) -> int:
     """Run a command; user errors (ValueError/TypeError/UsageError) become one line + exit 2."""
     try:
         return int(fn(argv) or 0)
+    except RunFailed as e:  # a run-time failure (NaN output, diverged ranks), not a usage error
+        return fail(str(e).splitlines()[0], code=1)
     except (UsageError, ValueError, TypeError, FileNotFoundError) as e:
         return fail(str(e).splitlines()[0] if str(e) else type(e).__name__)
 

@@ -1,7 +1,6 @@
-"""The body of one ``compactfusion generate`` rank: load, parallelize, generate, report."""
+"""The body of one ``compactfusion generate`` rank: load, parallelize, generate, check, report."""
 from __future__ import annotations
 
-import json
 import os
 import time
 from datetime import timedelta
@@ -12,16 +11,14 @@ import torch
 import torch.distributed as dist
 
 from .args import UsageError
-from .generate import build_configs
-
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+from .config import build_configs, torch_dtype
+from .output import prepare_out, save_image_atomic, write_json_atomic
 
 
 def _device_and_dtype(a):
     cuda = torch.cuda.is_available()
     device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}") if cuda else torch.device("cpu")
-    dtype = DTYPES.get(a.dtype) or (torch.bfloat16 if cuda else torch.float32)
-    return device, dtype
+    return device, torch_dtype(a.dtype, cuda)
 
 
 def configure_threads(device: torch.device) -> None:
@@ -40,10 +37,36 @@ def _to_pil(arr: np.ndarray):
     return Image.fromarray(a[..., 0] if a.shape[-1] == 1 else a)
 
 
+def _test_nan_hook(pipe, rank: int) -> None:
+    """Test hook ``COMPACTFUSION_TEST_NAN_RANK=R``: rank R's transformer output turns NaN (inert when unset)."""
+    target = os.environ.get("COMPACTFUSION_TEST_NAN_RANK")
+    if target is None or int(target) != rank or not hasattr(pipe.transformer, "proj_out"):
+        return
+    pipe.transformer.proj_out.register_forward_hook(lambda m, args, out: out * float("nan"))
+
+
+def _gather(obj, world: int) -> list:
+    if world == 1:
+        return [obj]
+    out = [None] * world
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def _check_output(images, rank: int, world: int) -> None:
+    """Non-finite images are an error on every rank (all hold the same gathered images), and every rank
+    must hold the same images."""
+    from ..integrations.diffusers.guards import check_finite, check_ranks_agree, tensor_digest
+    check_finite(np.asarray(images), f"rank {rank}: the generated images")
+    if world > 1:
+        check_ranks_agree(lambda d: _gather(d, world), tensor_digest(np.asarray(images)), "the generated images")
+
+
 def run_worker(a) -> int:
     from ..api import parallelize, stats, unparallelize
-    from ..metrics import finite_psnr, psnr, ssim
+    from ..integrations.diffusers.guards import NonFiniteOutputError, RankDivergenceError
     from ..loading import call_kwargs, load_pipeline, spatial_factor
+    from ..metrics import finite_psnr, psnr, ssim
 
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
@@ -68,25 +91,27 @@ def run_worker(a) -> int:
             parallelize(pipe, cfg)  # enables the progress bar on rank 0 only
         if a.quiet and hasattr(pipe, "set_progress_bar_config"):
             pipe.set_progress_bar_config(disable=True)
+        _test_nan_hook(pipe, rank)
         start = time.perf_counter()
         images = pipe(**kwargs).images
         wall = time.perf_counter() - start
-        per_rank = [stats(pipe)] if world > 1 else [{}]
-        if world > 1:
-            gathered = [None] * world
-            dist.all_gather_object(gathered, per_rank[0])
-            per_rank = gathered
-            walls = [None] * world
-            dist.all_gather_object(walls, wall)
-            wall = max(walls)
+        per_rank = _gather(stats(pipe) if world > 1 else {}, world)
+        wall = max(_gather(wall, world))
+        out = Path(a.out)
+        report = _report(a, cfg, link, world, per_rank, wall, images)
+        try:
+            _check_output(images, rank, world)
+        except (NonFiniteOutputError, RankDivergenceError) as e:
+            if rank == 0:  # the report says why there is no image; nothing else is written
+                prepare_out(out, a.overwrite)
+                write_json_atomic(out / "report.json", dict(report, error=f"{type(e).__name__}: {e}"))
+            raise
         if rank != 0:
             return 0
-        report = _report(a, cfg, link, world, per_rank, wall, images)
-        out = Path(a.out)
-        out.mkdir(parents=True, exist_ok=True)
+        prepare_out(out, a.overwrite)
         names = []
         for i, img in enumerate(images):
-            _to_pil(img).save(out / f"image_{i}.png")
+            save_image_atomic(_to_pil(img), out / f"image_{i}.png")
             names.append(f"image_{i}.png")
         report["images"] = names
         if a.reference:
@@ -98,11 +123,11 @@ def run_worker(a) -> int:
             refs = pipe(**kwargs).images
             report["reference_wall_time_s"] = round(time.perf_counter() - start, 4)
             for i, ref in enumerate(refs):
-                _to_pil(ref).save(out / f"reference_{i}.png")
+                save_image_atomic(_to_pil(ref), out / f"reference_{i}.png")
             report["psnr_vs_reference"] = float(np.mean([finite_psnr(psnr(r, x)) for r, x in zip(refs, images)]))
             report["ssim_vs_reference"] = round(float(np.mean([ssim(r, x) for r, x in zip(refs, images)])), 5)
             report["max_abs_diff_vs_reference"] = float(max(np.abs(r - x).max() for r, x in zip(refs, images)))
-        (out / "report.json").write_text(json.dumps(report, indent=1))
+        write_json_atomic(out / "report.json", report)  # last: a folder with report.json is a finished run
         if not a.quiet:
             print(summary_table(report))
         return 0
