@@ -116,3 +116,48 @@ def tiny_ltx(seed: int = 0):
     vae.use_framewise_decoding = False
     return eval_pipe(LTXPipeline(scheduler=FlowMatchEulerDiscreteScheduler(), vae=vae, text_encoder=t5(),
                                  tokenizer=t5_tokenizer(), transformer=transformer))
+
+
+# ---- CogVideoX -----------------------------------------------------------------------------------------------
+
+def tiny_cogvideox_transformer(seed: int = 0, heads: int = 2, head_dim: int = 16, layers: int = 1, text: int = 16,
+                               rotary: bool = True):
+    """``rotary=True``: CogVideoX-5B style (RoPE tables passed in as ``image_rotary_emb``, plus sincos positions
+    off); ``False``: CogVideoX-2B style (3-D sincos positions added in ``patch_embed``). The text length is fixed
+    by the config (``max_text_seq_length``; the pipeline pads prompts to it). ``head_dim`` must divide by 16
+    (the 3-D RoPE splits it 1/4, 3/8, 3/8 into even parts)."""
+    from diffusers import CogVideoXTransformer3DModel
+    torch.manual_seed(seed)
+    tr = CogVideoXTransformer3DModel(num_attention_heads=heads, attention_head_dim=head_dim, in_channels=4,
+                                     out_channels=4, time_embed_dim=2, text_embed_dim=32, num_layers=layers,
+                                     sample_width=2, sample_height=2, sample_frames=9, patch_size=2,
+                                     temporal_compression_ratio=4, max_text_seq_length=text,
+                                     use_rotary_positional_embeddings=rotary,
+                                     use_learned_positional_embeddings=False).eval()
+
+    def make_kwargs(batch=1, grid=(2, 3, 5), text=text, seed=0):
+        from diffusers.models.embeddings import get_3d_rotary_pos_embed
+        if text != tr.config.max_text_seq_length:
+            raise ValueError(f"this tiny CogVideoX takes exactly {tr.config.max_text_seq_length} text tokens "
+                             f"(max_text_seq_length); build it with text={text}")
+        g = torch.Generator().manual_seed(seed)
+        f, h, w = grid
+        rope = None
+        if rotary:
+            rope = get_3d_rotary_pos_embed(embed_dim=head_dim, crops_coords=((0, 0), (h, w)), grid_size=(h, w),
+                                           temporal_size=f, device=torch.device("cpu"))
+        return dict(hidden_states=randn(g, batch, f, 4, 2 * h, 2 * w), encoder_hidden_states=randn(g, batch, text, 32),
+                    timestep=torch.full((batch,), 500, dtype=torch.long), image_rotary_emb=rope, return_dict=False)
+    return tr, make_kwargs
+
+
+def tiny_cogvideox(seed: int = 0, rotary: bool = True):
+    """CogVideoXPipeline: CFG batched (one call per step on 2B); ``image_rotary_emb`` computed by the pipeline."""
+    from diffusers import AutoencoderKLCogVideoX, CogVideoXPipeline, DDIMScheduler
+    transformer, _ = tiny_cogvideox_transformer(seed, rotary=rotary)
+    torch.manual_seed(seed)
+    vae = AutoencoderKLCogVideoX(in_channels=3, out_channels=3, down_block_types=("CogVideoXDownBlock3D",) * 4,
+                                 up_block_types=("CogVideoXUpBlock3D",) * 4, block_out_channels=(8, 8, 8, 8),
+                                 latent_channels=4, layers_per_block=1, norm_num_groups=2, temporal_compression_ratio=4)
+    return eval_pipe(CogVideoXPipeline(tokenizer=t5_tokenizer(), text_encoder=t5(), vae=vae, transformer=transformer,
+                                       scheduler=DDIMScheduler()))
