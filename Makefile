@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: test demo bench venv clean
+.PHONY: test demo bench gpu-check venv clean
 
 $(STAMP): pyproject.toml constraints.txt
 	test -d $(VENV) || $(PY) -m venv $(VENV)
@@ -23,6 +23,10 @@ demo: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python -m compactfusion.bench.make_docs --out docs
+
+# Everything that needs CUDA (<= 5 min on one GPU), as one JSON report; --cpu-smoke runs it on tiny CPU shapes.
+gpu-check: $(STAMP)
+	$(BIN)/python -m compactfusion.bench.gpu_check --out gpu_check.json
 
 clean:
 	rm -rf $(VENV) out .pytest_cache
