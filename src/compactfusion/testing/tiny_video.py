@@ -161,3 +161,49 @@ def tiny_cogvideox(seed: int = 0, rotary: bool = True):
                                  latent_channels=4, layers_per_block=1, norm_num_groups=2, temporal_compression_ratio=4)
     return eval_pipe(CogVideoXPipeline(tokenizer=t5_tokenizer(), text_encoder=t5(), vae=vae, transformer=transformer,
                                        scheduler=DDIMScheduler()))
+
+
+# ---- HunyuanVideo (1.0) --------------------------------------------------------------------------------------
+
+def tiny_hunyuanvideo_transformer(seed: int = 0, heads: int = 2, head_dim: int = 10, layers: int = 1,
+                                  single_layers: int = 1):
+    from diffusers import HunyuanVideoTransformer3DModel
+    torch.manual_seed(seed)
+    tr = HunyuanVideoTransformer3DModel(in_channels=4, out_channels=4, num_attention_heads=heads,
+                                        attention_head_dim=head_dim, num_layers=layers, num_single_layers=single_layers,
+                                        num_refiner_layers=1, patch_size=1, patch_size_t=1, guidance_embeds=True,
+                                        text_embed_dim=16, pooled_projection_dim=8, rope_axes_dim=(2, 4, 4)).eval()
+
+    def make_kwargs(batch=1, grid=(2, 3, 5), text=7, seed=0, text_pad=2):
+        """The pipeline always pads text to max_sequence_length, so by default the last ``text_pad`` text tokens
+        of the last sample are padding (mask 0) — the self-attention mask is then not all-ones."""
+        g = torch.Generator().manual_seed(seed)
+        f, h, w = grid
+        mask = torch.ones(batch, text, dtype=torch.long)
+        if text_pad:
+            mask[-1, text - text_pad:] = 0
+        return dict(hidden_states=randn(g, batch, 4, f, h, w), timestep=torch.full((batch,), 500.0),
+                    encoder_hidden_states=randn(g, batch, text, 16), encoder_attention_mask=mask,
+                    pooled_projections=randn(g, batch, 8), guidance=torch.full((batch,), 6000.0), return_dict=False)
+    return tr, make_kwargs
+
+
+def _hunyuan_vae():
+    from diffusers import AutoencoderKLHunyuanVideo
+    return AutoencoderKLHunyuanVideo(in_channels=3, out_channels=3, latent_channels=4,
+                                     down_block_types=("HunyuanVideoDownBlock3D",) * 4,
+                                     up_block_types=("HunyuanVideoUpBlock3D",) * 4, block_out_channels=(8, 8, 8, 8),
+                                     layers_per_block=1, act_fn="silu", norm_num_groups=4, scaling_factor=0.476986,
+                                     spatial_compression_ratio=8, temporal_compression_ratio=4,
+                                     mid_block_add_attention=True)
+
+
+def tiny_hunyuanvideo(seed: int = 0):
+    """HunyuanVideoPipeline without its Llama/CLIP encoders: driven by ``prompt_embeds``,
+    ``pooled_prompt_embeds`` and ``prompt_attention_mask`` (tiny_call_kwargs)."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, HunyuanVideoPipeline
+    transformer, _ = tiny_hunyuanvideo_transformer(seed)
+    torch.manual_seed(seed)
+    return eval_pipe(HunyuanVideoPipeline(text_encoder=None, tokenizer=None, transformer=transformer, vae=_hunyuan_vae(),
+                                          scheduler=FlowMatchEulerDiscreteScheduler(shift=7.0), text_encoder_2=None,
+                                          tokenizer_2=None))
