@@ -334,6 +334,10 @@ class TransformerRuntime:
         runtime = self
 
         def forward(*args, **kwargs):
+            if getattr(runtime.model, "_compiled_call_impl", None) is not None:
+                raise ValueError(f"{runtime.name} was compiled whole (.compile()) after compactfusion.parallelize; "
+                                 f"whole-model compilation is not supported: compile its repeated blocks instead "
+                                 f"({runtime.name}.compile_repeated_blocks(), before or after parallelize)")
             if runtime.call is not None:
                 raise RuntimeError(f"{type(runtime.model).__name__} was called re-entrantly while parallelized")
             bound = runtime._signature.bind(*args, **kwargs)
@@ -361,7 +365,10 @@ class TransformerRuntime:
             if ctx.cfg_world > 1:
                 out = runtime._gather_cfg(out)
             return out
-        return forward
+        # Dynamo must not trace the step/branch bookkeeping and collectives: a whole-model torch.compile
+        # wrapper around the parallelized transformer then runs it eagerly (exact); compiled blocks inside
+        # (compile_repeated_blocks) stay compiled, with graph breaks at the routed attention calls.
+        return torch.compiler.disable(forward)
 
     def _check_call(self, call: _Call) -> None:
         if not call.splits:
