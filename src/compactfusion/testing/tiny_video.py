@@ -207,3 +207,46 @@ def tiny_hunyuanvideo(seed: int = 0):
     return eval_pipe(HunyuanVideoPipeline(text_encoder=None, tokenizer=None, transformer=transformer, vae=_hunyuan_vae(),
                                           scheduler=FlowMatchEulerDiscreteScheduler(shift=7.0), text_encoder_2=None,
                                           tokenizer_2=None))
+
+
+# ---- HunyuanVideo 1.5 ----------------------------------------------------------------------------------------
+
+def tiny_hunyuanvideo15_transformer(seed: int = 0, heads: int = 2, head_dim: int = 8, layers: int = 1):
+    from diffusers import HunyuanVideo15Transformer3DModel
+    torch.manual_seed(seed)
+    tr = HunyuanVideo15Transformer3DModel(in_channels=9, out_channels=4, num_attention_heads=heads,
+                                          attention_head_dim=head_dim, num_layers=layers, num_refiner_layers=1,
+                                          mlp_ratio=2.0, patch_size=1, patch_size_t=1, text_embed_dim=16,
+                                          text_embed_2_dim=32, image_embed_dim=12, rope_axes_dim=(2, 2, 4),
+                                          target_size=16, task_type="t2v").eval()
+
+    def make_kwargs(batch=1, grid=(2, 3, 5), text=7, seed=0, text_pad=2, text_2=5, image_tokens=3):
+        """T2V inputs: Qwen-VL text (``text`` tokens, last ``text_pad`` padded), ByT5 glyph text (``text_2``
+        tokens, last one padded) and all-zero image embeds (the model then masks all ``image_tokens``; the
+        pipeline uses 729)."""
+        g = torch.Generator().manual_seed(seed)
+        f, h, w = grid
+        mask = torch.ones(batch, text, dtype=torch.long)
+        mask[:, text - text_pad:] = 0
+        mask_2 = torch.ones(batch, text_2, dtype=torch.long)
+        mask_2[:, -1] = 0
+        return dict(hidden_states=randn(g, batch, 9, f, h, w), timestep=torch.full((batch,), 500.0),
+                    encoder_hidden_states=randn(g, batch, text, 16), encoder_attention_mask=mask,
+                    encoder_hidden_states_2=randn(g, batch, text_2, 32), encoder_attention_mask_2=mask_2,
+                    image_embeds=torch.zeros(batch, image_tokens, 12), return_dict=False)
+    return tr, make_kwargs
+
+
+def tiny_hunyuanvideo15(seed: int = 0):
+    """HunyuanVideo15Pipeline without its Qwen-VL / ByT5 encoders (prompt embeds for both, tiny_call_kwargs);
+    its ClassifierFreeGuidance guider runs separate cond/uncond transformer calls per step."""
+    from diffusers import AutoencoderKLHunyuanVideo15, ClassifierFreeGuidance, FlowMatchEulerDiscreteScheduler
+    from diffusers import HunyuanVideo15Pipeline
+    transformer, _ = tiny_hunyuanvideo15_transformer(seed)
+    torch.manual_seed(seed)
+    vae = AutoencoderKLHunyuanVideo15(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(16, 16),
+                                      layers_per_block=1, spatial_compression_ratio=4, temporal_compression_ratio=2,
+                                      downsample_match_channel=False, upsample_match_channel=False)
+    return eval_pipe(HunyuanVideo15Pipeline(text_encoder=None, tokenizer=None, transformer=transformer, vae=vae,
+                                            scheduler=FlowMatchEulerDiscreteScheduler(shift=7.0), text_encoder_2=None,
+                                            tokenizer_2=None, guider=ClassifierFreeGuidance(guidance_scale=2.0)))
