@@ -64,22 +64,33 @@ def test_auto_plan_and_measured_times():
 
 
 def _probe_main(rank, world):
+    import torch
+
     from compactfusion.comm import Communicator, LinkModel
     from compactfusion.comm.probe import agree_max, probe_link
     from compactfusion.parallel.auto import agreed_coding_times
 
+    from compactfusion.parallel.auto import AutoController, AutoPlan
+
     comm = Communicator(None, LinkModel("1MB/s", "20ms", "sleep"), timeout_s=20.0)
     est = probe_link(comm, small=8, large=64 * 1024, reps=2)
     agreed = agreed_coding_times(comm, {"binary": (1e-3 * (rank + 1), 5e-4), "int2": (2e-3, 1e-4 * rank)})
-    return est, agreed, agree_max(comm, [rank * 0.5, 1.0]), comm.ledger.summary()["bytes_sent"]
+    # the controller: virtual link -> the model's numbers, no probe; decisions identical on both ranks
+    virt = Communicator(None, LinkModel("100kB/s", "20ms", "virtual"), timeout_s=20.0)
+    ctl = AutoController(AutoPlan(("binary", "int4")), virt, reps=1)
+    choice = ctl.ensure(0, (64, 128), torch.float32, "cpu", messages=1)
+    again = ctl.ensure(0, (64, 128), torch.float32, "cpu", messages=1)  # same shape: no new measurement
+    return (est, agreed, agree_max(comm, [rank * 0.5, 1.0]), comm.ledger.summary()["bytes_sent"],
+            (ctl.link, choice.spec, choice.table, again is choice))
 
 
 @pytest.mark.dist
 def test_probe_and_agreement_2_ranks():
     from distributed import run_distributed
     res = run_distributed(_probe_main, 2, timeout=90)
-    (e0, a0, m0, sent0), (e1, a1, m1, _) = res
-    assert e0 == e1 and a0 == a1 and m0 == m1 == [0.5, 1.0]  # identical on every rank
+    (e0, a0, m0, sent0, c0), (e1, a1, m1, _, c1) = res
+    assert e0 == e1 and a0 == a1 and m0 == m1 == [0.5, 1.0] and c0 == c1  # identical on every rank
+    assert c0[0] == (1e5, 0.02) and c0[1] == "binary" and c0[3], c0  # 32 kB raw at 100 kB/s: the smallest wins
     assert a0 == {"binary": (2e-3, 5e-4), "int2": (2e-3, 1e-4)}
     # the emulated link (sleep mode pads each hop to the model): latency 20 ms, bandwidth 1 MB/s; loopback
     # hops on the loaded 2-core CI machine take 4-15 ms, hence the wide bounds

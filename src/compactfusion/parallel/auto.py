@@ -4,7 +4,7 @@ Predicted time of one op for a candidate ``spec`` on a per-rank stream of shape 
 
     encode_s + decodes * decode_s + LinkModel(bandwidth, latency).op_cost([nbytes] * messages)
 
-where ``nbytes`` is the codec's own ``encoded_nbytes(N, C)`` (``"none"``: the raw tensor) and the link
+(times ``encodes`` for the encode term) where ``nbytes`` is the codec's own ``encoded_nbytes(N, C)`` (``"none"``: the raw tensor) and the link
 cost is :class:`~compactfusion.comm.LinkModel`'s formula (the one place it lives). ``messages`` is
 how many times the payload goes on the wire per op (``W - 1`` for ring and all-gather), ``decodes``
 how many payloads a rank decodes (``W - 1`` too). Uncompressed costs no coding.
@@ -29,10 +29,10 @@ import torch
 
 from ..codecs import get_codec
 from ..comm import LinkModel
-from ..comm.probe import agree_max
+from ..comm.probe import agree_max, probe_link
 
 __all__ = ["Choice", "choose_codec", "measure_coding_times", "agreed_coding_times", "bits_per_element",
-           "AutoPlan", "UNCOMPRESSED"]
+           "AutoPlan", "AutoController", "UNCOMPRESSED"]
 
 UNCOMPRESSED = "none"
 CodingTimeFn = Callable[[str, tuple, torch.dtype], "tuple[float, float]"]
@@ -66,9 +66,10 @@ def _check_shape(shape) -> tuple[int, int]:
 
 def choose_codec(candidates: Sequence[str], shape: tuple, dtype: torch.dtype, bandwidth_Bps: float, latency_s: float,
                  coding_time_fn: CodingTimeFn, floor: str | None = None, *, messages: int = 1,
-                 decodes: int | None = None, margin: float = 0.0) -> Choice:
+                 decodes: int | None = None, encodes: int = 1, margin: float = 0.0) -> Choice:
     """The cheapest allowed candidate for one layer (see the module docstring). ``"none"`` is always a
-    candidate. ``coding_time_fn(spec, shape, dtype) -> (encode_s, decode_s)``."""
+    candidate. ``coding_time_fn(spec, shape, dtype) -> (encode_s, decode_s)``. ``encodes`` counts the
+    payloads a rank encodes per op (1 for ring/all-gather, ``W - 1`` chunks for Ulysses)."""
     shape = _check_shape(shape)
     if floor is not None and floor != UNCOMPRESSED:
         get_codec(floor)  # validates the spec (ValueError lists the valid ones)
@@ -87,7 +88,7 @@ def choose_codec(candidates: Sequence[str], shape: tuple, dtype: torch.dtype, ba
         enc, dec = (0.0, 0.0) if spec == UNCOMPRESSED else coding_time_fn(spec, shape, dtype)
         if not all(math.isfinite(t) and t >= 0 for t in (enc, dec)):
             raise ValueError(f"coding_time_fn gave ({enc!r}, {dec!r}) s for {spec!r}; need finite times >= 0")
-        table[spec] = enc + decodes * dec + link.op_cost([wire_nbytes(spec, shape, dtype)] * messages)
+        table[spec] = encodes * enc + decodes * dec + link.op_cost([wire_nbytes(spec, shape, dtype)] * messages)
 
     def key(spec: str):  # predicted time (compressed ones handicapped by margin), then finer first
         t = table[spec] if spec == UNCOMPRESSED else table[spec] / (1.0 - margin)
@@ -156,6 +157,7 @@ class AutoPlan:
         self.candidates = tuple(dict.fromkeys(candidates))
         self.floor, self.margin = floor, float(margin)
         self.choices: dict[int, Choice] = {}
+        self._shapes: dict[int, tuple] = {}
         self.__name__ = f"auto({','.join(self.candidates)}; floor={floor})"
 
     def __call__(self, layer: int, step: int) -> str:
@@ -166,13 +168,18 @@ class AutoPlan:
         return layer in self.choices
 
     def decide(self, layer: int, shape: tuple, dtype: torch.dtype, bandwidth_Bps: float, latency_s: float,
-               coding_times: dict[str, tuple[float, float]], *, messages: int = 1) -> Choice:
+               coding_times: dict[str, tuple[float, float]], *, messages: int = 1, encodes: int = 1) -> Choice:
         def fn(spec, shp, dt):
             return coding_times[spec]
         choice = choose_codec(self.candidates, shape, dtype, bandwidth_Bps, latency_s, fn, self.floor,
-                              messages=messages, margin=self.margin)
+                              messages=messages, encodes=encodes, margin=self.margin)
         self.choices[layer] = choice
+        self._shapes[layer] = (tuple(shape), str(dtype))
         return choice
+
+    def decided_for(self, layer: int, shape: tuple, dtype: torch.dtype) -> bool:
+        """True when ``layer`` was decided for this very stream shape and dtype."""
+        return self._shapes.get(layer) == (tuple(shape), str(dtype))
 
     def stats(self) -> dict:
         """JSON-safe ``{layer: {"codec", "predicted_s", "candidates_s"}}`` for ``cf.stats``."""
@@ -181,3 +188,42 @@ class AutoPlan:
 
     def reset(self) -> None:
         self.choices.clear()
+        self._shapes.clear()
+
+
+class AutoController:
+    """Drives an :class:`AutoPlan` from inside a parallel context (collective, like every comm op).
+
+    ``comm`` should be the context's *world* communicator: decisions are then identical on every rank
+    (CFG halves included), so configuration fingerprints, which sample the plan, still agree. The link
+    is measured once, lazily, by the first :meth:`ensure` (a short :func:`probe_link` on the payload's
+    device); with a ``virtual`` link model the model's own numbers are used instead, since modelled
+    time is what such a run reports. Each layer is timed once per stream shape.
+    """
+
+    def __init__(self, plan: AutoPlan, comm, *, reps: int = 3, probe_kwargs: dict | None = None):
+        self.plan, self.comm, self.reps = plan, comm, int(reps)
+        self.probe_kwargs = dict(probe_kwargs or {})
+        self.link: tuple[float, float] | None = None  # (bandwidth B/s, latency s), agreed
+
+    def _link(self, device: torch.device) -> tuple[float, float]:
+        if self.link is None:
+            model = self.comm.link
+            if model.mode == "virtual":
+                self.link = (model.bandwidth, model.latency)
+            else:
+                est = probe_link(self.comm, device=device, **self.probe_kwargs)
+                self.link = (est.bandwidth_Bps, est.latency_s)
+        return self.link
+
+    def ensure(self, layer: int, shape: tuple, dtype: torch.dtype, device: torch.device | str, *,
+               messages: int, encodes: int = 1) -> Choice:
+        """Decide ``layer`` unless it was decided for this shape; every rank must call it for the same
+        layers in the same order. ``shape`` is the per-message stream shape ``(N, C)``."""
+        if self.plan.decided_for(layer, shape, dtype):
+            return self.plan.choices[layer]
+        device = torch.device(device)
+        bw, lat = self._link(device)
+        times = measure_coding_times(self.plan.candidates, shape, dtype, device, reps=self.reps)
+        times = agreed_coding_times(self.comm, times)
+        return self.plan.decide(layer, shape, dtype, bw, lat, times, messages=messages, encodes=encodes)
