@@ -108,7 +108,10 @@ LINKS = (
 )
 
 STRATEGIES = ("patch", "distrifusion", "ring", "ulysses", "diffusers-ring", "diffusers-ulysses")
-CODECS = ("none", "int8", "int4", "int2", "binary", "lowrank:8", "lowrank-int4:32")
+CODECS = ("none", "int8", "int4", "int2", "binary", "lowrank:8", "lowrank-int4:32", "lowrank-int4-bpe:1.0")
+#: What warmup steps send: full precision ("fp16": the model dtype, 2 bytes) or a lossy codec spec.
+WARMUP_FULL = ("fp16", "none")
+WARMUPS = ("fp16", "int8", "int4")
 WORLDS = (2, 4, 8)
 
 #: Reference latency table (section 8.2): FLUX.1-dev 1024^2, 28 steps, 4 GPUs, seconds.
@@ -167,8 +170,11 @@ def feasible(model: ModelSpec, strategy: str, world: int) -> str | None:
 
 
 def traffic(model: ModelSpec, strategy: str, codec: str, world: int, text_mode: str = "library",
-            dtype_bytes: int = DTYPE_BYTES) -> dict:
+            dtype_bytes: int = DTYPE_BYTES, warmup: str = "fp16") -> dict:
     """Per-rank bytes and messages of one denoising step, for a warmup step and for a coded step.
+
+    ``warmup``: what a compression warmup step sends, "fp16" (full precision in the model dtype) or a codec
+    spec (``CompressionConfig.warmup_codec``, e.g. "int8"): the raw activation coded lossily.
 
     Returns lists indexed by rank: ``layer_warm``/``layer_coded`` (bytes one layer sends), ``layer_raw``
     (uncompressed equivalent), ``layer_msgs``; ``gather`` (output all-gather bytes per step) and
@@ -180,6 +186,7 @@ def traffic(model: ModelSpec, strategy: str, codec: str, world: int, text_mode: 
     txt = [model.text_tokens // w if split else 0] * w
     n = [b * (i + t) for i, t in zip(img, txt)]
     coded_spec = codec if codec != "none" and not strategy.startswith("diffusers") else "none"
+    warm_spec = warmup if coded_spec != "none" and warmup not in WARMUP_FULL else "none"
 
     def per_rank(spec: str) -> list[int]:
         if w == 1:
@@ -206,7 +213,7 @@ def traffic(model: ModelSpec, strategy: str, codec: str, world: int, text_mode: 
     msgs = {"patch": w - 1, "distrifusion": w - 1, "diffusers-ring": w - 1, "ring": w - 1,
             "ulysses": (2 + (model.text_tokens > 0 and not split)) * (w - 1), "diffusers-ulysses": 4 * (w - 1)}[strategy]
     gather = [(w - 1) * b * img[r] * model.out_channels * dtype_bytes for r in range(w)]
-    return {"layer_warm": per_rank("none"), "layer_coded": per_rank(coded_spec), "layer_raw": per_rank("none"),
+    return {"layer_warm": per_rank(warm_spec), "layer_coded": per_rank(coded_spec), "layer_raw": per_rank("none"),
             "layer_msgs": msgs if w > 1 else 0, "gather": gather if w > 1 else [0], "gather_msgs": w - 1,
             "tokens": n, "split_text": split, "image_shards": img, "text_shards": txt}
 
@@ -258,12 +265,13 @@ def rank_compute(model: ModelSpec, tr: dict, world: int, t_step: float) -> tuple
 
 
 def predict_latency(model: ModelSpec, strategy: str, codec: str, world: int, link: Link, t_step: float,
-                    warmup: int | None = None, text_mode: str = "library", stale_sync_steps: int = 1) -> float:
+                    warmup: int | None = None, text_mode: str = "library", stale_sync_steps: int = 1,
+                    warmup_codec: str = "fp16") -> float:
     """Seconds per image (denoising only) under the model in the module docstring."""
     warmup = model.warmup_steps if warmup is None else warmup
     if world == 1:
         return model.steps * t_step
-    tr = traffic(model, strategy, codec, world, text_mode)
+    tr = traffic(model, strategy, codec, world, text_mode, warmup=warmup_codec)
     comp, attn = rank_compute(model, tr, world, t_step)
     L = model.layers
 
@@ -292,7 +300,7 @@ def predict_latency(model: ModelSpec, strategy: str, codec: str, world: int, lin
 
 # -- rows ----------------------------------------------------------------------------------------------
 def build_rows(models, strategies, codecs, worlds, links, step_times: dict, warmup_override: int | None = None,
-               text_mode: str = "library") -> list[dict]:
+               text_mode: str = "library", warmups=("fp16",)) -> list[dict]:
     rows = []
     for mk in models:
         m = MODELS[mk]
@@ -303,18 +311,19 @@ def build_rows(models, strategies, codecs, worlds, links, step_times: dict, warm
             tr = traffic(m, "ring", "none", w, text_mode)
             ring_ref[w] = image_bytes(m, tr, "none", warmup)
         for strategy in strategies:
-            for codec in codecs:
+            for codec, warm in ((c, wu) for c in codecs for wu in (warmups if c != "none" else ("none",))):
                 if strategy.startswith("diffusers") and codec != "none":
                     continue  # diffusers' native CP has no compression
                 for w in worlds:
                     why = feasible(m, strategy, w)
                     if why:
                         continue
-                    tr = traffic(m, strategy, codec, w, text_mode)
+                    tr = traffic(m, strategy, codec, w, text_mode, warmup=warm)
                     ib = image_bytes(m, tr, codec, warmup)
                     rr = ring_ref[w]
                     row = {
                         "section": "bytes", "model": mk, "model_name": m.name, "strategy": strategy, "codec": codec,
+                        "warmup": warm,
                         "world_size": w, "text_mode": "split" if tr["split_text"] else "replicated",
                         "steps": m.steps, "warmup_steps": warmup if codec != "none" else 0, "layers": m.layers,
                         "channels": m.channels, "tokens_per_rank": max(tr["tokens"]),
@@ -333,7 +342,7 @@ def build_rows(models, strategies, codecs, worlds, links, step_times: dict, warm
                     }
                     for link in links:
                         row[f"latency_{link.key}_s"] = predict_latency(m, strategy, codec, w, link, t_step, warmup,
-                                                                       text_mode)
+                                                                       text_mode, warmup_codec=warm)
                     rows.append(row)
     return rows
 
@@ -353,7 +362,8 @@ def published_rows() -> list[dict]:
                 ib = image_bytes(m, traffic(m, strategy, codec, 4, "split"), codec, 1)
                 byts, ratio = ib["bytes_per_image"], ib["bytes_per_image_uncompressed"] / ib["bytes_per_image"]
             rows.append({"section": "published", "model": m.key, "model_name": m.name, "method": label,
-                         "strategy": strategy or "none", "codec": codec or "none", "world_size": 4 if strategy else 1,
+                         "strategy": strategy or "none", "codec": codec or "none",
+                         "warmup": "fp16" if codec not in (None, "none") else "none", "world_size": 4 if strategy else 1,
                          "text_mode": "split", "link": col, "bytes_per_image": round(byts), "compression_ratio": ratio,
                          "predicted_s": pred, "published_s": published, "predicted_over_published": pred / published})
     return rows
@@ -362,9 +372,11 @@ def published_rows() -> list[dict]:
 # -- checks and report ---------------------------------------------------------------------------------
 def headline_checks(rows: list[dict]) -> list[dict]:
     """The FLUX-scale claims: binary <= 1/15 of ring per step after warmup, >= 10x fewer bytes per image."""
-    def find(model, strategy, codec, w):
+    def find(model, strategy, codec, w, warmup="fp16"):
+        warmup = "none" if codec == "none" else warmup
         for r in rows:
-            if r["section"] == "bytes" and (r["model"], r["strategy"], r["codec"], r["world_size"]) == (model, strategy, codec, w):
+            if r["section"] == "bytes" and (r["model"], r["strategy"], r["codec"], r["world_size"], r["warmup"]) == \
+                    (model, strategy, codec, w, warmup):
                 return r
         return None
     out = []
@@ -381,6 +393,11 @@ def headline_checks(rows: list[dict]) -> list[dict]:
         out.append({"claim": f"{mk} W=4 ring: binary >= 10x fewer bytes per image, warmup counted "
                              f"(cap {cap:.2f}x = {m.steps}/(1 + {m.steps - 1}/{rho:.2f}))",
                     "value": f"{b['image_bytes_vs_ring']:.2f}x", "ok": b["image_bytes_vs_ring"] >= 10.0})
+        bw = find(mk, "ring", "binary", 4, "int8")
+        if bw:
+            out.append({"claim": f"{mk} W=4 ring: binary with int8 warmup (warmup_codec='int8') >= 12.5x fewer bytes "
+                                 "per image, warmup counted", "value": f"{bw['image_bytes_vs_ring']:.2f}x",
+                        "ok": bw["image_bytes_vs_ring"] >= 12.5})
     return out
 
 
@@ -403,7 +420,8 @@ def markdown(rows: list[dict], pub: list[dict], checks: list[dict], links, world
     lines += ["Patch, DistriFusion and ring move the same bytes (each rank's K/V reaches W-1 peers), so they share "
               "one column; DistriFusion only hides them behind compute.", ""]
     for mk in dict.fromkeys(r["model"] for r in rows):
-        sel = {(r["strategy"], r["codec"]): r for r in rows if r["model"] == mk and r["world_size"] == w0}
+        sel = {(r["strategy"], r["codec"]): r for r in rows if r["model"] == mk and r["world_size"] == w0
+               and r["warmup"] in WARMUP_FULL}
         if not sel:
             continue
         name = next(iter(sel.values()))["model_name"]
@@ -426,17 +444,38 @@ def markdown(rows: list[dict], pub: list[dict], checks: list[dict], links, world
     ws = sorted({r["world_size"] for r in rows})
     body = []
     for mk in dict.fromkeys(r["model"] for r in rows):
-        for codec in ("none", "binary", "int2", "lowrank-int4:32"):
+        for codec in ("none", "binary", "int2", "lowrank-int4:32", "lowrank-int4-bpe:1.0"):
             cells = [mk, codec]
             for w in ws:
-                r = next((x for x in rows if (x["model"], x["strategy"], x["codec"], x["world_size"]) == (mk, "ring", codec, w)), None)
+                r = next((x for x in rows if (x["model"], x["strategy"], x["codec"], x["world_size"]) == (mk, "ring", codec, w)
+                          and x["warmup"] in WARMUP_FULL), None)
                 cells.append("-" if r is None else f"{_gb(r['bytes_per_image'])} ({r['compression_ratio']:.1f}x)")
             if len(cells) > 2 and any(c != "-" for c in cells[2:]):
                 body.append(cells)
     if len(ws) > 1:
         lines += ["### Ring bytes per image per rank across world sizes (ratio vs uncompressed, warmup counted)", "",
                   md_table(["model", "codec"] + [f"W={w}" for w in ws], body), ""]
-    flux = [r for r in rows if r["model"] == "flux-dev-1024" and r["world_size"] == w0]
+    lossy = [r for r in rows if r["strategy"] == "ring" and r["world_size"] == w0 and r["warmup"] not in WARMUP_FULL
+             and r["codec"] in ("binary", "int2", "lowrank-int4-bpe:1.0")]
+    if lossy:
+        body = []
+        for r in lossy:
+            full = next((x for x in rows if (x["model"], x["strategy"], x["codec"], x["world_size"], x["warmup"]) ==
+                         (r["model"], "ring", r["codec"], w0, "fp16")), None)
+            body.append([r["model"], r["codec"], "fp16", _gb(full["bytes_per_image"]), f"{full['image_bytes_vs_ring']:.2f}x"]
+                        if full else [r["model"], r["codec"], "fp16", "-", "-"])
+            body.append([r["model"], r["codec"], r["warmup"], _gb(r["bytes_per_image"]), f"{r['image_bytes_vs_ring']:.2f}x"])
+        seen, uniq = set(), []
+        for b in body:
+            if tuple(b[:3]) not in seen:
+                seen.add(tuple(b[:3]))
+                uniq.append(b)
+        lines += [f"### Compressed warmup: ring, W={w0}, bytes per image per rank (warmup counted)", "",
+                  "`warmup_codec` codes the warmup steps' raw activation lossily with error feedback from step 0 "
+                  "(`CompressionConfig(warmup_codec=...)`, docs/wire-formats.md) instead of sending it at full "
+                  "precision.", "",
+                  md_table(["model", "codec", "warmup", "ring per image", "vs uncompressed ring"], uniq), ""]
+    flux = [r for r in rows if r["model"] == "flux-dev-1024" and r["world_size"] == w0 and r["warmup"] in WARMUP_FULL]
     if flux:
         lines += [f"### Predicted seconds per image, FLUX.1-dev 1024x1024 (512 text tokens), W={w0}", "",
                   f"Single device: {flux[0]['single_device_s']:.2f} s ({flux[0]['compute_step_s']:.3f} s/step). "
@@ -473,14 +512,14 @@ def plots(rows: list[dict], links, out: Path) -> list[str]:
     from . import plots as P
     files = []
     w0 = 4
-    sel = [r for r in rows if r["world_size"] == w0 and r["strategy"] == "ring"]
+    sel = [r for r in rows if r["world_size"] == w0 and r["strategy"] == "ring" and r["warmup"] in WARMUP_FULL]
     if sel:
         files.append(P.grouped_bars(
             out / "project_bytes.png", groups=list(dict.fromkeys(r["model"] for r in sel)),
             series=list(dict.fromkeys(r["codec"] for r in sel)),
             value=lambda g, s: next((r["bytes_per_image"] / 1e9 for r in sel if r["model"] == g and r["codec"] == s), None),
             ylabel="GB sent per rank per image (ring, W=4)", title="Projected traffic per image", logy=True))
-    flux = [r for r in rows if r["model"] == "flux-dev-1024" and r["world_size"] == w0]
+    flux = [r for r in rows if r["model"] == "flux-dev-1024" and r["world_size"] == w0 and r["warmup"] in WARMUP_FULL]
     finite = [l for l in links if not math.isinf(l.bandwidth)]
     if flux and finite:
         series = {}
@@ -502,6 +541,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--codecs", default=",".join(CODECS))
     p.add_argument("--worlds", default=",".join(map(str, WORLDS)))
     p.add_argument("--warmup-steps", type=int, default=None, help="override every model's compression warmup")
+    p.add_argument("--warmup-codecs", default=",".join(WARMUPS),
+                   help="what warmup steps send, comma list: fp16 (full precision) and/or codec specs (int8, int4, ...)")
     p.add_argument("--text-mode", choices=("library", "split", "replicated"), default="library",
                    help="library: compactfusion replicates text, diffusers splits it")
     p.add_argument("--step-time", action="append", default=[], metavar="MODEL=SECONDS",
@@ -527,6 +568,10 @@ def main(argv=None) -> int:
     from ._common import check_codec_specs, parse_worlds
     check_codec_specs(codecs)
     worlds = parse_worlds(a.worlds)
+    warmups = [w.strip() for w in a.warmup_codecs.split(",") if w.strip()]
+    if not warmups:
+        raise UsageError("--warmup-codecs: give at least one of fp16, int8, int4, ...")
+    check_codec_specs([w for w in warmups if w not in WARMUP_FULL])
     if a.warmup_steps is not None and a.warmup_steps < 0:
         raise UsageError(f"--warmup-steps must be >= 0, got {a.warmup_steps}")
     step_times = {}
@@ -542,9 +587,10 @@ def main(argv=None) -> int:
             raise UsageError(f"--step-time {item!r}: seconds must be positive")
     if a.quick:
         models = [m for m in models if m.startswith("flux")][:1] or models[:1]
-        codecs = [c for c in codecs if c in ("none", "binary", "int2", "lowrank-int4:32")] or codecs[:2]
+        codecs = [c for c in codecs if c in ("none", "binary", "int2", "lowrank-int4:32", "lowrank-int4-bpe:1.0")] or codecs[:2]
         worlds = [4] if 4 in worlds else worlds[:1]
-    rows = build_rows(models, strategies, codecs, worlds, LINKS, step_times, a.warmup_steps, a.text_mode)
+        warmups = [w for w in warmups if w in ("fp16", "int8")] or warmups[:1]
+    rows = build_rows(models, strategies, codecs, worlds, LINKS, step_times, a.warmup_steps, a.text_mode, warmups)
     pub = published_rows() if "flux-dev-1024-t256" in models or "flux-dev-1024" in models else []
     checks = headline_checks(rows)
     out = Path(a.out)

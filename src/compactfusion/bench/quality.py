@@ -45,6 +45,33 @@ PSNR_CAP = 100.0  # dB; identical images and float-rounding-level differences (~
 
 
 # -- methods -----------------------------------------------------------------------------------------
+#: Methods beyond the codec x variant grid: compressed warmup and the ~1-bit candidates of issue 13.
+#: Optional keys: warmup_codec (lossy warmup with error feedback from step 0), delta_decay (order 2),
+#: quick (also run by --quick).
+#: The best method measured at <= 1.1 bits per element (issue 13; docs/benchmarks.md "~1-bit coding").
+BEST_ONE_BIT = "ring+lowrank-int4-bpe:1.1/o2"
+EXTRA_METHODS = (
+    dict(name=BEST_ONE_BIT, strategy="ring", codec="lowrank-int4-bpe:1.1", residual_order=2, error_feedback=True,
+         family="compact (~1 bit)", quick=True),
+    dict(name="ring+lowrank-int4-bpe:1.1", strategy="ring", codec="lowrank-int4-bpe:1.1", residual_order=1,
+         error_feedback=True, family="compact (~1 bit)"),
+    dict(name=BEST_ONE_BIT + "/int8-warmup", strategy="ring", codec="lowrank-int4-bpe:1.1", residual_order=2,
+         error_feedback=True, family="compact (~1 bit)", warmup_codec="int8"),
+    dict(name="ring+lowrank-int4-bpe:0.5/o2", strategy="ring", codec="lowrank-int4-bpe:0.5", residual_order=2,
+         error_feedback=True, family="compact"),
+    dict(name="ring+lowrank-int4-bpe:2.0/o2", strategy="ring", codec="lowrank-int4-bpe:2.0", residual_order=2,
+         error_feedback=True, family="compact"),
+    dict(name="ring+binary/fp16-warmup", strategy="ring", codec="binary", residual_order=1, error_feedback=True,
+         family="compact", warmup_codec="fp16"),
+    dict(name="ring+binary/int8-warmup", strategy="ring", codec="binary", residual_order=1, error_feedback=True,
+         family="compact", warmup_codec="int8", quick=True),
+    dict(name="ring+binary/int4-warmup", strategy="ring", codec="binary", residual_order=1, error_feedback=True,
+         family="compact", warmup_codec="int4"),
+    dict(name="ring+binary/o2auto", strategy="ring", codec="binary", residual_order=2, error_feedback=True,
+         family="compact", delta_decay="auto"),
+)
+
+
 def methods(codecs=CODECS, quick: bool = False) -> list[dict]:
     """Every configuration the quality bench runs (name, strategy, codec, residual_order, error_feedback)."""
     out = [dict(name="patch", strategy="patch", codec="none", residual_order=None, error_feedback=None, family="exact"),
@@ -60,6 +87,9 @@ def methods(codecs=CODECS, quick: bool = False) -> list[dict]:
                 continue
             out.append(dict(name=f"ring+{c}" + ("" if tag == "ef" else f"/{tag}"), strategy="ring", codec=c,
                             residual_order=order, error_feedback=ef, family=fam))
+    for m in EXTRA_METHODS:
+        if not quick or m.get("quick"):
+            out.append({k: v for k, v in m.items() if k != "quick"})
     if not quick:
         out.append(dict(name="distrifusion+binary", strategy="distrifusion", codec="binary", residual_order=1,
                         error_feedback=True, family="stale+compact"))
@@ -74,9 +104,29 @@ def parallel_config(m: dict, link=None, warmup: int = WARMUP, timeout_s: float =
     comp = None
     if m["codec"] != "none":
         comp = CompressionConfig(codec=m["codec"], residual_order=m["residual_order"],
-                                 error_feedback=m["error_feedback"], warmup_steps=warmup)
+                                 error_feedback=m["error_feedback"], warmup_steps=warmup,
+                                 warmup_codec=m.get("warmup_codec"), delta_decay=m.get("delta_decay", 0.5))
     return ParallelConfig(strategy=m["strategy"], compression=comp, link=link, timeout_s=timeout_s,
                           ulysses_degree=m.get("ulysses_degree"), ring_degree=m.get("ring_degree"))
+
+
+#: Ledger tensors that carry the attention streams (coded when compressed); "out"/"cfg_out"/"joint_o" are not.
+STREAM_TENSORS = ("kv", "qkv", "o")
+
+
+def stream_bytes(ledger) -> dict:
+    """Attention-stream (K/V, Ulysses q/k/v/o) bytes sent and uncompressed after warmup, from a ByteLedger."""
+    out = {"kv_bytes_sent_after_warmup": 0, "kv_bytes_uncompressed_after_warmup": 0}
+    for (tensor, warm), row in ledger.group_by("tensor", "warmup").items():
+        if tensor in STREAM_TENSORS and not warm:
+            out["kv_bytes_sent_after_warmup"] += row["bytes_sent"]
+            out["kv_bytes_uncompressed_after_warmup"] += row["bytes_uncompressed"]
+    return out
+
+
+def bits_per_element(sent: float, uncompressed: float, itemsize: int) -> float | None:
+    """Wire bits per streamed element: 8 * sent / (uncompressed bytes / model dtype size)."""
+    return 8.0 * sent * itemsize / uncompressed if uncompressed else None
 
 
 def ledger_of(stats: dict) -> dict:
@@ -232,6 +282,8 @@ def quality_worker(rank, world, plan):
                 for k in ("bytes_sent", "bytes_uncompressed", "bytes_sent_after_warmup", "bytes_uncompressed_after_warmup",
                           "bytes_sent_warmup", "messages", "modeled_comm_s"):
                     totals[k] = totals.get(k, 0) + led.get(k, 0)
+                for k, v in stream_bytes(cf.context(pipe).ledger).items():
+                    totals[k] = totals.get(k, 0) + v
         finally:
             cf.unparallelize(pipe)
         allt = [None] * world
@@ -266,7 +318,9 @@ def quality_worker(rank, world, plan):
                                 "call_size": plan["batch"]})
             elif rank == 0:
                 print(f"bench quality: diffusers {pr['mode']} skipped: {pr['skipped']}", file=sys.stderr)
-    return {"references": refs, "reference_s_per_image": ref_s_per_image, "results": results} if rank == 0 else None
+    itemsize = next(pipe.transformer.parameters()).element_size()
+    return {"references": refs, "reference_s_per_image": ref_s_per_image, "results": results,
+            "itemsize": itemsize} if rank == 0 else None
 
 
 # -- metrics ---------------------------------------------------------------------------------------------
@@ -488,7 +542,8 @@ def run(a) -> tuple[list[dict], str, list[str], dict]:
                      "codec": "none", "error_feedback": None, "residual_order": None, "family": "reference",
                      "world_size": 1, **image_metrics(refs[size], refs[size], labels, clf, fid), "bytes_per_image": 0.0,
                      "bytes_per_image_after_warmup": 0.0, "compression_ratio": 1.0, "compression_ratio_after_warmup": 1.0,
-                     "wall_s_per_image": res["reference_s_per_image"], "call_size": size, "_images": refs[size]})
+                     "bits_per_element": None, "wall_s_per_image": res["reference_s_per_image"], "call_size": size,
+                     "_images": refs[size]})
     n = len(seeds)
     for r in res["results"]:
         m, pr = r["method"], r["per_rank"]
@@ -496,9 +551,13 @@ def run(a) -> tuple[list[dict], str, list[str], dict]:
         unc = sum(x["bytes_uncompressed"] for x in pr)
         sent_aw = sum(x["bytes_sent_after_warmup"] for x in pr)
         unc_aw = sum(x["bytes_uncompressed_after_warmup"] for x in pr)
+        kv_sent = sum(x.get("kv_bytes_sent_after_warmup", 0) for x in pr)
+        kv_unc = sum(x.get("kv_bytes_uncompressed_after_warmup", 0) for x in pr)
         rows.append({"method": m["name"], "strategy": m["strategy"], "codec": m["codec"],
+                     "warmup_codec": m.get("warmup_codec") or "lossless", "delta_decay": m.get("delta_decay"),
                      "error_feedback": m["error_feedback"], "residual_order": m["residual_order"], "family": m["family"],
                      "world_size": a.world, **image_metrics(refs[r["call_size"]], r["images"], labels, clf, fid),
+                     "bits_per_element": bits_per_element(kv_sent, kv_unc, res["itemsize"]),
                      "bytes_per_image": sent / a.world / n, "bytes_per_image_after_warmup": sent_aw / a.world / n,
                      "compression_ratio": unc / sent if sent else 1.0,
                      "compression_ratio_after_warmup": unc_aw / sent_aw if sent_aw else 1.0,
@@ -527,10 +586,12 @@ GRID = ("single-device", "patch", "ring", "distrifusion", "diffusers-ring", "rin
 def plot_all(rows, curves, out: Path, grid_seeds: int) -> list[str]:
     from . import plots as P
     files = []
-    pts = [dict(r, label=r["method"]) for r in rows if r["bytes_per_image"] > 0]
-    files.append(P.pareto(out / "quality_pareto.png", pts, "bytes_per_image", "psnr", "label",
-                          "bytes sent per image per rank (log)", "PSNR vs single device (dB)",
-                          "Fidelity vs bytes (digits model)", group="family"))
+    pts = [dict(r, label=r["method"]) for r in rows if r.get("bits_per_element")]
+    files.append(P.pareto(out / "quality_pareto.png", pts, "bits_per_element", "psnr", "label",
+                          "attention-stream bits per element after warmup (ledger, log)",
+                          "PSNR vs single device (dB)",
+                          "Fidelity vs bits (digits model; exact strategies at the fp32 wire = 32 bits)",
+                          group="family"))
     panels = {f"codec {codec}": {label: list(enumerate(ys)) for label, ys in cur.items()} for codec, cur in curves.items()}
     files.append(P.panels(out / "quality_error_steps.png", panels, "denoising step (step 0 = full-precision warmup)",
                           "relative error ||x - x^|| / ||x|| (receiver)",
@@ -560,6 +621,16 @@ def claims(rows: list[dict]) -> list[dict]:
             if name in by:
                 add(f"{name} >= DistriFusion + {margin:g} dB", by[name]["psnr"] >= df["psnr"] + margin,
                     f"{by[name]['psnr']:.2f} vs {df['psnr']:.2f} dB")
+    best = by.get(BEST_ONE_BIT)
+    if best and best.get("bits_per_element"):
+        add(f"{BEST_ONE_BIT} >= 50 dB at <= 1.1 bits per element (K/V after warmup, ledger)",
+            best["psnr"] >= 50.0 and best["bits_per_element"] <= 1.1,
+            f"{best['psnr']:.2f} dB at {best['bits_per_element']:.3f} bits")
+    for full, lossy in (("ring+binary", "ring+binary/int8-warmup"), ("ring+binary/fp16-warmup", "ring+binary/int8-warmup"),
+                        (BEST_ONE_BIT, BEST_ONE_BIT + "/int8-warmup")):
+        if full in by and lossy in by:
+            add(f"{lossy} within 0.5 dB of {full}", by[lossy]["psnr"] >= by[full]["psnr"] - 0.5,
+                f"{by[lossy]['psnr']:.2f} vs {by[full]['psnr']:.2f} dB")
     for c in CODECS:
         ef, no, naive = by.get(f"ring+{c}"), by.get(f"ring+{c}/noef"), by.get(f"ring+{c}/naive")
         if ef and no:
@@ -583,12 +654,14 @@ def markdown(rows, curves, timing, a, files) -> str:
              "1797 real digits; biased at small n, compare rows only).", ""]
     body = []
     for r in rows:
+        bpe = r.get("bits_per_element")
         body.append([r["method"], r["codec"], "-" if r["error_feedback"] is None else ("yes" if r["error_feedback"] else "no"),
-                     "-" if r["residual_order"] is None else r["residual_order"], f"{r['psnr']:.2f}", f"{r['ssim']:.4f}",
+                     "-" if r["residual_order"] is None else r["residual_order"], f"{r['psnr']:.2f}",
+                     "-" if bpe is None else f"{bpe:.3f}", f"{r['ssim']:.4f}",
                      f"{r['ms_ssim']:.4f}", f"{r['accuracy']:.3f}", f"{r['fid']:.2f}", fmt_bytes(r["bytes_per_image"]),
                      fmt_bytes(r["bytes_per_image_after_warmup"]), f"{r['compression_ratio']:.2f}x",
                      f"{r['compression_ratio_after_warmup']:.2f}x", r["call_size"], f"{r['wall_s_per_image']:.2f}"])
-    lines += [md_table(["method", "codec", "EF", "order", "PSNR dB", "SSIM", "MS-SSIM", "digit acc.", "digits-FID",
+    lines += [md_table(["method", "codec", "EF", "order", "PSNR dB", "bits/element", "SSIM", "MS-SSIM", "digit acc.", "digits-FID",
                         "bytes/image/rank", "after warmup", "ratio", "ratio after warmup", "images/call", "s/image"], body), ""]
     cl = claims(rows)
     if cl:
