@@ -78,15 +78,17 @@ def headline(out: Path) -> str:
     proj = [r for r in _load(out, "project") if r.get("section") == "bytes"]
     names = [("ring", "Ring attention (exact)"), ("ulysses", "Ulysses (exact)"), ("distrifusion", "DistriFusion (stale K/V)"),
              ("diffusers-ring", "diffusers native ring CP"), ("ring+int2", "compactfusion int2 + EF"),
-             ("ring+binary", "compactfusion binary (1-bit) + EF"), ("ring+lowrank-int4:32", "compactfusion lowrank-int4:32 + EF")]
+             ("ring+binary", "compactfusion binary (1-bit) + EF"), ("ring+lowrank-int4:32", "compactfusion lowrank-int4:32 + EF"),
+             ("ring+lowrank-int4-bpe:1.1/o2", "compactfusion lowrank-int4-bpe:1.1 + order 2 (~1.1-bit)")]
     if q or lat or proj:
         w = max((r["world_size"] for r in lat), default=4)
         lw = [r for r in lat if r["world_size"] == w and r["latency"] == "0"]
         ring_rows = [r for r in lw if r["method"] == "ring" and r.get("comm_fraction", 0) >= 0.95]
         slow = min(ring_rows, key=lambda r: r["wall_s"], default=None) or \
             max((r for r in lw if r["method"] == "ring" and r["bandwidth"] != "inf"), key=lambda r: r.get("comm_fraction", 0), default=None)
-        flux = {(r["strategy"], r["codec"]): r for r in proj if r["model"] == "flux-dev-1024" and r["world_size"] == 4}
-        head = ["method", "PSNR vs 1 device (digits)", "bytes/image/rank (digits)"]
+        flux = {(r["strategy"], r["codec"]): r for r in proj if r["model"] == "flux-dev-1024" and r["world_size"] == 4
+                and r.get("warmup", "fp16") in ("fp16", "none")}  # full-precision warmup rows (bench project)
+        head = ["method", "PSNR vs 1 device (digits)", "K/V bits/element after warmup (digits)", "bytes/image/rank (digits)"]
         if slow:
             head.append(f"s/image at {slow['bandwidth']}, W={w} (speed-up vs ring)")
         if lw:
@@ -96,6 +98,7 @@ def headline(out: Path) -> str:
         for key, label in names:
             r = q.get(key)
             cells = [label, "-" if not r else (f"{r['psnr']:.1f} dB" if r["psnr"] < 100 else "≥ 100 dB (exact)"),
+                     "-" if not r or r.get("bits_per_element") is None else f"{r['bits_per_element']:.2f}",
                      "-" if not r else fmt_bytes(r["bytes_per_image"])]
             if slow:
                 m = next((x for x in lw if x["method"] == key and x["bandwidth"] == slow["bandwidth"]), None)
@@ -104,7 +107,7 @@ def headline(out: Path) -> str:
                 m = next((x for x in lw if x["method"] == key and x["bandwidth"] == "inf"), None)
                 cells.append("-" if not m else f"{m['wall_s']:.2f}")
             strategy, codec = (key.split("+") + ["none"])[:2] if "+" in key else (key, "none")
-            p = flux.get((strategy, codec))
+            p = flux.get((strategy, codec.split("/")[0]))  # "/o2" etc. change fidelity, not bytes
             cells += ["-" if not p else f"{p['bytes_per_image'] / 1e9:.2f} GB ({p['compression_ratio']:.1f}x)",
                       "-" if not p else f"{p['latency_1000mbs_s']:.1f}"]
             body.append(cells)

@@ -108,7 +108,7 @@ LINKS = (
 )
 
 STRATEGIES = ("patch", "distrifusion", "ring", "ulysses", "diffusers-ring", "diffusers-ulysses")
-CODECS = ("none", "int8", "int4", "int2", "binary", "lowrank:8", "lowrank-int4:32", "lowrank-int4-bpe:1.0")
+CODECS = ("none", "int8", "int4", "int2", "binary", "lowrank:8", "lowrank-int4:32", "lowrank-int4-bpe:1.1")
 #: What warmup steps send: full precision ("fp16": the model dtype, 2 bytes) or a lossy codec spec.
 WARMUP_FULL = ("fp16", "none")
 WARMUPS = ("fp16", "int8", "int4")
@@ -444,7 +444,7 @@ def markdown(rows: list[dict], pub: list[dict], checks: list[dict], links, world
     ws = sorted({r["world_size"] for r in rows})
     body = []
     for mk in dict.fromkeys(r["model"] for r in rows):
-        for codec in ("none", "binary", "int2", "lowrank-int4:32", "lowrank-int4-bpe:1.0"):
+        for codec in ("none", "binary", "int2", "lowrank-int4:32", "lowrank-int4-bpe:1.1"):
             cells = [mk, codec]
             for w in ws:
                 r = next((x for x in rows if (x["model"], x["strategy"], x["codec"], x["world_size"]) == (mk, "ring", codec, w)
@@ -456,7 +456,7 @@ def markdown(rows: list[dict], pub: list[dict], checks: list[dict], links, world
         lines += ["### Ring bytes per image per rank across world sizes (ratio vs uncompressed, warmup counted)", "",
                   md_table(["model", "codec"] + [f"W={w}" for w in ws], body), ""]
     lossy = [r for r in rows if r["strategy"] == "ring" and r["world_size"] == w0 and r["warmup"] not in WARMUP_FULL
-             and r["codec"] in ("binary", "int2", "lowrank-int4-bpe:1.0")]
+             and r["codec"] in ("binary", "int2", "lowrank-int4-bpe:1.1")]
     if lossy:
         body = []
         for r in lossy:
@@ -587,7 +587,7 @@ def main(argv=None) -> int:
             raise UsageError(f"--step-time {item!r}: seconds must be positive")
     if a.quick:
         models = [m for m in models if m.startswith("flux")][:1] or models[:1]
-        codecs = [c for c in codecs if c in ("none", "binary", "int2", "lowrank-int4:32", "lowrank-int4-bpe:1.0")] or codecs[:2]
+        codecs = [c for c in codecs if c in ("none", "binary", "int2", "lowrank-int4:32", "lowrank-int4-bpe:1.1")] or codecs[:2]
         worlds = [4] if 4 in worlds else worlds[:1]
         warmups = [w for w in warmups if w in ("fp16", "int8")] or warmups[:1]
     rows = build_rows(models, strategies, codecs, worlds, LINKS, step_times, a.warmup_steps, a.text_mode, warmups)
