@@ -112,6 +112,7 @@ def test_timeouts_and_cli_init(monkeypatch):
     env = {"TORCH_NCCL_ASYNC_ERROR_HANDLING": "1"}
     assert device.nccl_environment(env) == {} and env["TORCH_NCCL_ASYNC_ERROR_HANDLING"] == "1"  # user's choice wins
     kw = device.cuda_init_kwargs(1, 20.0)
-    assert kw == {"backend": "cpu:gloo,cuda:nccl", "timeout": timedelta(seconds=20 + device.GROUP_TIMEOUT_GRACE_S)}
+    assert kw == {"backend": "cpu:gloo,cuda:nccl", "timeout": timedelta(seconds=20 + device.GROUP_TIMEOUT_GRACE_S),
+                  "device_id": torch.device("cuda", 1)}
     with pytest.raises(ValueError, match="local_rank"):
         device.cuda_init_kwargs(-1, 20.0)

@@ -14,6 +14,9 @@ One place decides (the rule is small but easy to get wrong in several):
   a pair's sends and receives on one stream, so a receive posted before the matching send on both
   sides would wait forever.
 
+NCCL builds a communicator at a group's (or a pair's) first op and blocks, with no timeout, until the
+peers join; :func:`cuda_init_kwargs` binds the device so the default group forms at start-up instead.
+
 Timeouts on NCCL: ``Work.wait(timeout=...)`` blocks the host until the work completes or the timeout
 passes, then aborts the communicator and raises (torch >= 2.2), which :func:`~.errors.wait_works`
 turns into :class:`~.errors.CommTimeoutError`. The *group* timeout drives NCCL's watchdog thread,
@@ -116,7 +119,12 @@ def nccl_environment(environ: MutableMapping[str, str] | None = None) -> dict[st
 
 def cuda_init_kwargs(local_rank: int, timeout_s: float) -> dict[str, Any]:
     """Arguments for ``dist.init_process_group`` on CUDA ranks (call ``torch.cuda.set_device(local_rank)``
-    and :func:`nccl_environment` first): gloo carries CPU control data, NCCL the device payloads."""
+    and :func:`nccl_environment` first): gloo carries CPU control data, NCCL the device payloads.
+
+    ``device_id`` binds the process to its GPU, which makes NCCL build the communicator during
+    ``init_process_group`` (inside its timeout) rather than lazily at the first data op, where NCCL
+    blocks without any timeout until every peer joins."""
     if isinstance(local_rank, bool) or not isinstance(local_rank, int) or local_rank < 0:
         raise ValueError(f"local_rank must be an integer >= 0, got {local_rank!r}")
-    return {"backend": "cpu:gloo,cuda:nccl", "timeout": group_timeout(timeout_s)}
+    return {"backend": "cpu:gloo,cuda:nccl", "timeout": group_timeout(timeout_s),
+            "device_id": torch.device("cuda", local_rank)}
