@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import torch
 
+from . import fused
 from .base import Codec, CodecState
 from .numeric import SQ16_MAX, balance_gain, finish, row_blocks, safe_div, to_fp16
 from .packing import (
@@ -48,13 +49,15 @@ def _abs_sums(xf: torch.Tensor, blocks: list[slice], bits: torch.Tensor | None, 
     return tok.div_(c), chan.div_(n)
 
 
-def sign_scales(codec: Codec, x: torch.Tensor, xf: torch.Tensor, blocks: list[slice], bits: torch.Tensor | None = None):
-    """Balanced fp16 scale factors (a: N, b: C)."""
-    tok, chan = _abs_sums(xf, blocks, bits)
+def sign_scales(codec: Codec, x: torch.Tensor, xf: torch.Tensor, blocks: list[slice], bits: torch.Tensor | None = None,
+                sums: tuple[torch.Tensor, torch.Tensor] | None = None):
+    """Balanced fp16 scale factors (a: N, b: C). ``sums``: (tok, chan) as _abs_sums returns them,
+    already computed by a fused path (codecs/fused) with the same torch calls."""
+    tok, chan = _abs_sums(xf, blocks, bits) if sums is None else sums
     # Any NaN/Inf in x reaches its row and column sums.
     if not codec._check_finite(x, probe=tok.amax() + chan.amax()):
         # Finite but so huge that a sum overflowed: the wire saturates at SQ16_MAX anyway.
-        tok, chan = _abs_sums(xf, blocks, None, clamp=SQ16_MAX)
+        tok, chan = _abs_sums(xf.float(), blocks, None, clamp=SQ16_MAX)
     tokn = safe_div(tok, tok.mean())  # mean(tok) == mean|x|; 0 for an all-zero input
     g = balance_gain(tokn.amax(), chan.amax())
     return to_fp16(tokn * g), to_fp16(safe_div(chan, g))
@@ -88,11 +91,17 @@ class BinaryCodec(Codec):
 
     spec = "binary"
 
+    def __init__(self, impl: str = "auto"):
+        self.impl = fused.check_impl(impl)  # see codecs/fused: auto, reference, fused, triton
+
     def encoded_nbytes(self, n: int, c: int) -> int:
         return n * packed_len(c, 1) + 2 * (n + c)
 
     def encode(self, x: torch.Tensor, state: CodecState | None = None) -> torch.Tensor:
         n, c = self._check_input(x)
+        payload = fused.encode(self.impl, self, x, 1)
+        if payload is not None:
+            return payload
         xf = x.float()
         buf, view = field_buffer(n, c, 1, x.device, dtype=torch.bool)
         a16, b16 = sign_scales(self, x, xf, row_blocks(n, c, x.device), bits=view)
@@ -100,6 +109,9 @@ class BinaryCodec(Codec):
 
     def decode(self, payload: torch.Tensor, shape: tuple[int, int], dtype: torch.dtype = torch.float32) -> torch.Tensor:
         n, c = self._check_decode_args(payload, shape, dtype)
+        out = fused.decode(self.impl, payload, n, c, 1, (-1.0, 1.0), dtype)
+        if out is not None:
+            return out
         p = packed_len(c, 1)
         bits, ab, bb = split_bytes(payload, [n * p, 2 * n, 2 * c])
         a = bytes_as(ab, torch.float16, (n,)).float()
@@ -117,11 +129,17 @@ class Int2Codec(Codec):
 
     spec = "int2"
 
+    def __init__(self, impl: str = "auto"):
+        self.impl = fused.check_impl(impl)
+
     def encoded_nbytes(self, n: int, c: int) -> int:
         return n * packed_len(c, 2) + 2 * (n + c)
 
     def encode(self, x: torch.Tensor, state: CodecState | None = None) -> torch.Tensor:
         n, c = self._check_input(x)
+        payload = fused.encode(self.impl, self, x, 2)
+        if payload is not None:
+            return payload
         xf = x.float()
         blocks = row_blocks(n, c, x.device)
         a16, b16 = sign_scales(self, x, xf, blocks)
@@ -145,10 +163,13 @@ class Int2Codec(Codec):
 
     def decode(self, payload: torch.Tensor, shape: tuple[int, int], dtype: torch.dtype = torch.float32) -> torch.Tensor:
         n, c = self._check_decode_args(payload, shape, dtype)
+        lo, hi = INT2_LEVEL_LO, INT2_LEVEL_HI
+        out = fused.decode(self.impl, payload, n, c, 2, (-lo, -hi, lo, hi), dtype)
+        if out is not None:
+            return out
         p = packed_len(c, 2)
         fields, ab, bb = split_bytes(payload, [n * p, 2 * n, 2 * c])
         a = bytes_as(ab, torch.float16, (n,)).float()
         b = bytes_as(bb, torch.float16, (c,)).float()
-        lo, hi = INT2_LEVEL_LO, INT2_LEVEL_HI
         values = _values([-lo, -hi, lo, hi], payload.device)
         return finish(_decode_scaled(fields.view(n, p), 2, values, a, b, c), dtype)
