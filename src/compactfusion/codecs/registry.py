@@ -8,6 +8,7 @@ import torch
 
 from .affine import AffineCodec
 from .base import Codec
+from .fused import check_impl
 from .budget import BudgetLowRankInt4Codec, parse_budget
 from .lowrank import LowRankCodec, LowRankInt4Codec
 from .raw import RawCodec
@@ -89,9 +90,15 @@ def parse_codec_spec(spec: str) -> tuple[str, int | str | None]:
     raise _bad(spec, "unknown codec")
 
 
-def get_codec(spec: str) -> Codec:
-    """A fresh codec for ``spec`` (see CODEC_SPECS and docs/wire-formats.md)."""
+def get_codec(spec: str, impl: str = "auto") -> Codec:
+    """A fresh codec for ``spec`` (see CODEC_SPECS and docs/wire-formats.md).
+
+    ``impl`` picks the implementation of ``binary``/``int2`` (auto, reference, fused, triton; see
+    codecs/fused); every implementation puts the same bytes on the wire. Other codecs have only
+    the PyTorch implementation and accept any valid ``impl``.
+    """
     family, param = parse_codec_spec(spec)
+    check_impl(impl)
     if family == "fp16":
         return RawCodec("fp16", torch.float16, lossless=False)
     if family == "bf16":
@@ -105,9 +112,9 @@ def get_codec(spec: str) -> Codec:
     if family == "int4":
         return AffineCodec(4)
     if family == "int2":
-        return Int2Codec()
+        return Int2Codec(impl)
     if family == "binary":
-        return BinaryCodec()
+        return BinaryCodec(impl)
     if family == "lowrank":
         return LowRankCodec(param)
     if family == "lowrank-int4":

@@ -1,0 +1,180 @@
+"""Fused CPU codecs (C kernels) against the PyTorch reference: same bytes, same reconstruction bits."""
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from compactfusion.codecs import fused, get_codec
+from compactfusion.codecs.fused import cpu
+from compactfusion.codecs.numeric import row_blocks
+
+SPECS = ("binary", "int2")
+BITS = {"binary": 1, "int2": 2}
+IN_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+OUT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+
+
+@pytest.fixture(scope="module", params=["simd", "portable"])
+def lib(request):
+    lib = cpu.load(portable=request.param == "portable")
+    if lib is None:
+        pytest.skip("no working C compiler: the fused CPU path is disabled (reference used)")
+    if request.param == "simd" and not lib.cf_simd():
+        pytest.skip("this CPU/compiler has no AVX2+F16C build")
+    return lib
+
+
+def _bits(y: torch.Tensor) -> torch.Tensor:
+    return y.view({8: torch.int64, 4: torch.int32, 2: torch.int16}[y.element_size()])
+
+
+def check_same(lib, spec: str, x: torch.Tensor, out_dtypes=OUT_DTYPES) -> None:
+    ref = get_codec(spec, impl="reference")
+    n, c = x.shape
+    want = ref.encode(x)
+    got = cpu.encode(lib, ref, x, BITS[spec], row_blocks(n, c, x.device))
+    assert got is not None and got.dtype == torch.uint8 and got.shape == want.shape
+    assert torch.equal(got, want), (spec, x.shape, x.dtype, (got != want).nonzero().flatten()[:8])
+    levels = (-1.0, 1.0) if spec == "binary" else (-0.46875, -1.875, 0.46875, 1.875)
+    for dt in out_dtypes:
+        y_ref = ref.decode(want, (n, c), dt)
+        y = cpu.decode(lib, want, n, c, BITS[spec], levels, dt)
+        assert y.dtype == y_ref.dtype == dt and y.shape == (n, c)
+        assert torch.equal(_bits(y), _bits(y_ref)), (spec, x.shape, dt)
+
+
+@pytest.mark.parametrize("spec", SPECS)
+@pytest.mark.parametrize("shape", ((1, 1), (1, 9), (3, 7), (4, 8), (5, 17), (16, 3), (33, 130), (64, 128)))
+@pytest.mark.parametrize("dtype", IN_DTYPES)
+def test_small_shapes_match_reference(lib, spec, shape, dtype):
+    g = torch.Generator().manual_seed(shape[0] * 1000 + shape[1])
+    check_same(lib, spec, torch.randn(*shape, generator=g).to(dtype))
+
+
+@pytest.mark.parametrize("spec", SPECS)
+@pytest.mark.parametrize("shape", ((700, 3001), (1088, 3072)))
+def test_multi_block_shapes_match_reference(lib, spec, shape):
+    """Shapes over CPU_BLOCK_ELEMS: the column sums are accumulated block by block."""
+    assert len(row_blocks(*shape, "cpu")) > 1
+    for seed in range(3):
+        g = torch.Generator().manual_seed(seed)
+        check_same(lib, spec, torch.randn(*shape, generator=g), out_dtypes=(torch.float32, torch.float16))
+    check_same(lib, spec, torch.randn(*shape, generator=g).to(torch.bfloat16), out_dtypes=(torch.bfloat16,))
+
+
+@settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.too_slow,
+                                                                 HealthCheck.function_scoped_fixture])
+@given(
+    spec=st.sampled_from(SPECS),
+    n=st.integers(1, 40),
+    c=st.integers(1, 70),
+    dtype=st.sampled_from(IN_DTYPES),
+    exp=st.integers(-9, 5),
+    zero_frac=st.sampled_from((0.0, 0.0, 0.3, 0.9, 1.0)),
+    neg_zero=st.booleans(),
+    seed=st.integers(0, 2**16),
+)
+def test_property_matches_reference(lib, spec, n, c, dtype, exp, zero_frac, neg_zero, seed):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, c, generator=g) * 10.0**exp
+    x = x * (torch.rand(n, c, generator=g) >= zero_frac)
+    if neg_zero:  # -0.0 counts as non-negative (bit 1), like x >= 0 in the reference
+        x = torch.where(x == 0, torch.tensor(-0.0), x)
+    check_same(lib, spec, x.to(dtype))
+
+
+@pytest.mark.parametrize("spec", SPECS)
+def test_constant_rows_columns_and_ties(lib, spec):
+    check_same(lib, spec, torch.full((9, 21), 0.75))
+    check_same(lib, spec, torch.arange(12.0).repeat(5, 1))
+    check_same(lib, spec, torch.arange(12.0)[:, None].repeat(1, 5))
+    check_same(lib, spec, torch.zeros(6, 10))
+    # fp16 factor ties (round half to even) show up in many-valued dyadic inputs
+    check_same(lib, spec, (torch.arange(-64, 64).float() / 64).view(8, 16))
+
+
+@pytest.mark.parametrize("spec", SPECS)
+def test_non_contiguous_and_offset_inputs(lib, spec):
+    g = torch.Generator().manual_seed(3)
+    base = torch.randn(40, 70, generator=g)
+    for x in (base.t(), base[3:, 5:], base[:, ::2], base[1:, :-1].to(torch.float16)):
+        check_same(lib, spec, x, out_dtypes=(torch.float32,))
+
+
+@pytest.mark.parametrize("spec", SPECS)
+def test_codec_default_uses_fused_and_is_identical(spec, lib):
+    if fused.backend("auto", torch.device("cpu")) != "cpu-c":
+        pytest.skip("auto does not select the C kernels here")
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(50, 90, generator=g)
+    auto, ref = get_codec(spec), get_codec(spec, impl="reference")
+    p = auto.encode(x)
+    assert torch.equal(p, ref.encode(x))
+    assert torch.equal(_bits(auto.decode(p, x.shape)), _bits(ref.decode(p, x.shape)))
+    # a receiver slicing its payload out of a larger buffer at an odd offset decodes the same bits
+    big = torch.cat([torch.tensor([7], dtype=torch.uint8), p])
+    assert torch.equal(_bits(auto.decode(big[1:], x.shape)), _bits(ref.decode(p, x.shape)))
+
+
+@pytest.mark.parametrize("spec", SPECS)
+@pytest.mark.parametrize("bad,word", ((float("nan"), "NaN"), (float("inf"), "Inf")))
+def test_nonfinite_policy_unchanged(spec, bad, word):
+    x = torch.randn(6, 9)
+    x[2, 3] = bad
+    for impl in ("auto", "reference"):
+        with pytest.raises(ValueError, match=word):
+            get_codec(spec, impl=impl).encode(x)
+
+
+@pytest.mark.parametrize("spec", SPECS)
+def test_huge_finite_input_falls_back_identically(spec):
+    x = torch.full((4, 6), 3e38)
+    x[0, 0] = -3e38
+    p = get_codec(spec).encode(x)
+    assert torch.equal(p, get_codec(spec, impl="reference").encode(x))
+    assert torch.isfinite(get_codec(spec).decode(p, x.shape)).all()
+
+
+def test_impl_validation_and_env_override(monkeypatch):
+    with pytest.raises(ValueError, match="impl"):
+        get_codec("binary", impl="fast")
+    with pytest.raises(ValueError, match="impl"):
+        get_codec("int8", impl="fast")
+    monkeypatch.setenv(fused.IMPL_ENV, "reference")
+    assert fused.backend("auto", torch.device("cpu")) == "reference"
+    assert fused.backend("fused", torch.device("cpu")) != "reference" or cpu.load() is None
+    monkeypatch.setenv(fused.IMPL_ENV, "bogus")
+    with pytest.raises(ValueError, match=fused.IMPL_ENV):
+        get_codec("binary").encode(torch.ones(2, 2))
+
+
+def test_no_compiler_falls_back_to_reference(monkeypatch):
+    monkeypatch.setattr(cpu, "_compiler", lambda: None)
+    cpu.load.cache_clear()
+    try:
+        assert cpu.load() is None
+        assert fused.backend("auto", torch.device("cpu")) == "reference"
+        with pytest.raises(RuntimeError, match="C compiler"):
+            get_codec("binary", impl="fused").encode(torch.ones(3, 3))
+        x = torch.randn(5, 11)
+        assert torch.equal(get_codec("int2").encode(x), get_codec("int2", impl="reference").encode(x))
+    finally:
+        cpu.load.cache_clear()
+
+
+def test_build_cache_is_reused(tmp_path, monkeypatch):
+    if cpu._compiler() is None:
+        pytest.skip("no C compiler")
+    monkeypatch.setenv(cpu.CACHE_ENV, str(tmp_path))
+    cpu.load.cache_clear()
+    try:
+        assert cpu.load() is not None
+        built = list(tmp_path.glob("cf_sign_*.so"))
+        assert len(built) == 1 and not list(tmp_path.glob("*.tmp"))
+        stamp = built[0].stat().st_mtime_ns
+        cpu.load.cache_clear()
+        assert cpu.load() is not None and built[0].stat().st_mtime_ns == stamp  # loaded, not rebuilt
+    finally:
+        cpu.load.cache_clear()
