@@ -80,15 +80,35 @@ def _probe_main(rank, world):
     ctl = AutoController(AutoPlan(("binary", "int4")), virt, reps=1)
     choice = ctl.ensure(0, (64, 128), torch.float32, "cpu", messages=1)
     again = ctl.ensure(0, (64, 128), torch.float32, "cpu", messages=1)  # same shape: no new measurement
+    # end to end through a real ParallelContext (the two calls the context makes before each attention)
+    from compactfusion.parallel import ParallelConfig, ParallelContext
+    from compactfusion.parallel.auto import auto_compression, controller_for, ensure_attention
+    picked = {}
+    for name, link in (("slow", LinkModel("100kB/s", "20ms", "virtual")), ("fast", LinkModel(None, 0, "virtual"))):
+        ctx = ParallelContext(ParallelConfig(strategy="ring", link=link, timeout_s=20.0,
+                                             compression=auto_compression(("binary", "int4"), warmup_steps=1)))
+        actl = controller_for(ctx)
+        g = torch.Generator().manual_seed(5)
+        for step in range(3):
+            q, k, v = (torch.randn(1, 16, 2, 8, generator=g) for _ in range(3))
+            for layer in range(2):
+                ensure_attention(ctx, actl, q, layer)
+                ctx.attention(q, k, v, layer=layer, step=step)
+        ctx.check_consistency(2)  # sender and receiver agree under the chosen codec
+        picked[name] = (actl.plan.stats()[0]["codec"], actl.plan.stats()[1]["codec"],
+                        ctx.ledger.summary()["compression_ratio_after_warmup"])
+        ctx.close()
     return (est, agreed, agree_max(comm, [rank * 0.5, 1.0]), comm.ledger.summary()["bytes_sent"],
-            (ctl.link, choice.spec, choice.table, again is choice))
+            (ctl.link, choice.spec, choice.table, again is choice), picked)
 
 
 @pytest.mark.dist
 def test_probe_and_agreement_2_ranks():
     from distributed import run_distributed
     res = run_distributed(_probe_main, 2, timeout=90)
-    (e0, a0, m0, sent0, c0), (e1, a1, m1, _, c1) = res
+    (e0, a0, m0, sent0, c0, p0), (e1, a1, m1, _, c1, p1) = res
+    assert p0 == p1 and p0["slow"][:2] == ("binary", "binary") and p0["slow"][2] > 8, p0
+    assert p0["fast"] == ("none", "none", 1.0), p0
     assert e0 == e1 and a0 == a1 and m0 == m1 == [0.5, 1.0] and c0 == c1  # identical on every rank
     assert c0[0] == (1e5, 0.02) and c0[1] == "binary" and c0[3], c0  # 32 kB raw at 100 kB/s: the smallest wins
     assert a0 == {"binary": (2e-3, 5e-4), "int2": (2e-3, 1e-4)}

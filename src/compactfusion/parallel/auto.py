@@ -32,7 +32,8 @@ from ..comm import LinkModel
 from ..comm.probe import agree_max, probe_link
 
 __all__ = ["Choice", "choose_codec", "measure_coding_times", "agreed_coding_times", "bits_per_element",
-           "AutoPlan", "AutoController", "UNCOMPRESSED"]
+           "AutoPlan", "AutoController", "UNCOMPRESSED", "auto_compression", "controller_for", "stream_traffic",
+           "ensure_attention"]
 
 UNCOMPRESSED = "none"
 CodingTimeFn = Callable[[str, tuple, torch.dtype], "tuple[float, float]"]
@@ -227,3 +228,44 @@ class AutoController:
         times = measure_coding_times(self.plan.candidates, shape, dtype, device, reps=self.reps)
         times = agreed_coding_times(self.comm, times)
         return self.plan.decide(layer, shape, dtype, bw, lat, times, messages=messages, encodes=encodes)
+
+
+# ---- wiring into a ParallelContext ---------------------------------------------------------------
+
+def auto_compression(candidates: Sequence[str] = ("binary", "int2", "int4"), floor: str | None = None,
+                     margin: float = 0.05, **kw):
+    """A ``CompressionConfig`` whose plan is an :class:`AutoPlan` (what ``codec="auto"`` means): warm-up,
+    residual order and the other fields as usual (``**kw``); ``codec`` is nominal (the plan decides)."""
+    from ..residual import CompressionConfig
+    cands = tuple(candidates)
+    if not cands:
+        raise ValueError("codec='auto' needs at least one candidate codec, e.g. ('binary', 'int2', 'int4')")
+    return CompressionConfig(codec=cands[0], plan=AutoPlan(cands, floor=floor, margin=margin), **kw)
+
+
+def controller_for(ctx) -> AutoController | None:
+    """The controller for a ParallelContext whose compression plan is an :class:`AutoPlan`, else None."""
+    comp = ctx.config.compression
+    plan = getattr(comp, "plan", None)
+    if not isinstance(plan, AutoPlan) or ctx.seq_world == 1:
+        return None
+    return AutoController(plan, ctx.world_comm)
+
+
+def stream_traffic(strategy: str, q_shape: tuple, ulysses: int, seq_world: int) -> tuple[tuple[int, int], int, int]:
+    """``((N, C), messages, encodes)`` per attention call and rank for a strategy's coded streams.
+
+    Ring / all-gather strategies send one (B*S_local, H*D) payload ``W - 1`` times; Ulysses sends
+    ``U - 1`` head chunks (B*S_local, H/U*D), each encoded on its own. USP is charged as its Ulysses
+    phase (the ring phase moves the same codec's payloads, so the ranking barely changes)."""
+    b, s, h, d = (int(x) for x in q_shape)
+    if strategy in ("ulysses", "usp") and ulysses > 1:
+        return (b * s, (h // ulysses) * d), ulysses - 1, ulysses - 1
+    return (b * s, h * d), seq_world - 1, 1
+
+
+def ensure_attention(ctx, controller: AutoController, q: torch.Tensor, layer: int) -> Choice:
+    """Call from ``ParallelContext.attention`` before the strategy runs (every rank, every layer): decides
+    ``layer``'s codec on its first call (and after a shape change), a no-op afterwards."""
+    shape, messages, encodes = stream_traffic(ctx.config.strategy, tuple(q.shape), ctx.mesh.ulysses, ctx.seq_world)
+    return controller.ensure(layer, shape, q.dtype, q.device, messages=messages, encodes=encodes)
