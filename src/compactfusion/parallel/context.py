@@ -74,8 +74,9 @@ def _check_inputs(q, k, v, joint: Joint | None, layer: int, step: int) -> None:
         if (t.shape[0], t.shape[2], t.shape[3]) != (b, h, d) or t.dtype != q.dtype or t.device != q.device:
             raise ValueError(f"{where}: {name} {tuple(t.shape)} {t.dtype} must match q's batch {b}, heads {h}, "
                              f"head dim {d}, dtype {q.dtype} and device")
-    if not (joint.q.shape == joint.k.shape == joint.v.shape):
-        raise ValueError(f"{where}: joint_q, joint_k, joint_v must have the same shape")
+    if joint.k.shape != joint.v.shape or joint.k.shape[0] != joint.q.shape[0]:
+        # joint_k/v may hold fewer tokens than joint_q (padding keys left out), never different ones
+        raise ValueError(f"{where}: joint_k and joint_v must have the same shape and joint_q's batch")
 
 
 class ParallelContext:

@@ -19,8 +19,12 @@ Text tokens are sharded like image tokens in every family (as diffusers' plans d
 replicated text compute on every rank, and attention is exact because it is invariant to the order of
 its keys. The cost is that text K/V travel too; docs/models.md gives the measured share per family.
 
-``cross_attention`` names attention modules whose keys come from unsplit context (text cross-attention):
-they run locally. Every other attention module called between the first split and the gather is
+A family may instead keep text replicated (``joint="front"|"rear"``: the unsplit tokens that each
+self-attention call joins to the sharded ones, counted by ``joint_tokens``): they are attended exactly
+once and never travel, and a key-padding mask on them is applied locally (HunyuanVideo).
+
+``cross_attention`` names attention modules whose tokens are not split (text cross-attention, a text
+refiner that runs on the whole text): they run locally. Every other attention module called between the first split and the gather is
 self-attention over sharded tokens and must route each of its attention calls to the parallel context.
 """
 from __future__ import annotations
@@ -41,6 +45,7 @@ class Split:
     dim: int
     ndim: int
     optional: bool = False
+    mask: bool = False  # an attention mask over the split tokens: only one that masks nothing can be split
 
 
 @dataclass(frozen=True)
@@ -63,6 +68,8 @@ class FamilyPlan:
     plan: Mapping[str, PlanEntry]
     cross_attention: tuple = ()  # fnmatch patterns of module paths that attend to unsplit context
     batch_args: tuple = ()       # inputs whose dim 0 is the (CFG-doubled) batch; () = every tensor input
+    joint: Union[str, None] = None  # "front"/"rear": replicated (unsplit) tokens joined to self-attention calls
+    joint_tokens: str = "encoder_hidden_states"  # the input whose dim 1 counts those tokens
     notes: str = ""
     families: tuple = field(default=())  # class names this plan is for
 
@@ -128,9 +135,10 @@ _PLANS = [
     FamilyPlan("flux2", {"": {"hidden_states": Split(1, 3), "encoder_hidden_states": Split(1, 3),
                               "img_ids": Split(1, 3), "txt_ids": Split(1, 3)},
                          "proj_out": Gather(1, 3)}, families=("Flux2Transformer2DModel",)),
-    FamilyPlan("qwenimage", {"transformer_blocks.0": {"hidden_states": Split(1, 3), "encoder_hidden_states": Split(1, 3)},
+    FamilyPlan("qwenimage", {"": {"controlnet_block_samples": Split(1, 3)},
+                             "transformer_blocks.0": {"hidden_states": Split(1, 3), "encoder_hidden_states": Split(1, 3)},
                              "transformer_blocks.*": {"modulate_index": Split(1, 2),
-                                                      "encoder_hidden_states_mask": Split(1, 2)},
+                                                      "encoder_hidden_states_mask": Split(1, 2, mask=True)},
                              "pos_embed": {0: Split(0, 2), 1: Split(0, 2)},
                              "proj_out": Gather(1, 3)}, families=("QwenImageTransformer2DModel",)),
     FamilyPlan("wan", {"rope": {0: Split(1, 4), 1: Split(1, 4)},
@@ -139,6 +147,20 @@ _PLANS = [
                        "proj_out": Gather(1, 3)},
                cross_attention=("blocks.*.attn2",), families=("WanTransformer3DModel",),
                notes="text is a cross-attention context: replicated, never split"),
+    FamilyPlan("ltx", {"": {"hidden_states": Split(1, 3), "timestep": Split(1, 2, optional=True)},
+                       "rope": {0: Split(1, 3), 1: Split(1, 3)}, "proj_out": Gather(1, 3)},
+               cross_attention=("transformer_blocks.*.attn2",), families=("LTXVideoTransformer3DModel",),
+               notes="text is a masked cross-attention context: replicated; per-token timesteps split with the video"),
+    FamilyPlan("cogvideox", {"": {"image_rotary_emb": Split(0, 2)},
+                             "transformer_blocks.0": {"hidden_states": Split(1, 3), "encoder_hidden_states": Split(1, 3)},
+                             "proj_out": Gather(1, 3)}, families=("CogVideoXTransformer3DModel",),
+               notes="text and video are embedded together; split after the embedding, at the first block"),
+    FamilyPlan("hunyuanvideo", {"x_embedder": {0: Split(1, 3)}, "rope": {0: Split(0, 2), 1: Split(0, 2)},
+                                "proj_out": Gather(1, 3)},
+               joint="rear", cross_attention=("context_embedder.*",),  # the text refiner attends to text only
+               families=("HunyuanVideoTransformer3DModel",),
+               notes="the token refiner needs the whole (padded) text, so text stays replicated at the rear of "
+                     "every attention call; its padding mask is applied locally"),
     # SD3/SD3.5 and PixArt patch-embed an image: split the embedding's output, not the latent.
     FamilyPlan("sd3", {"pos_embed": {0: Split(1, 3)}, "context_embedder": {0: Split(1, 3)},
                        "proj_out": Gather(1, 3)}, families=("SD3Transformer2DModel",),

@@ -81,8 +81,9 @@ class AttentionRouter(TorchFunctionMode):
                 f"{where}: {query.shape[-2]} query tokens attend to {key.shape[-2]} keys inside a self-attention "
                 f"module (extra key tokens such as an IP-Adapter's are not sharded); declare the module as "
                 f"cross-attention in the plan or remove the adapter")
+        n_joint, position = self.runtime.joint_layout(query.shape[-2], where)
         if attn_mask is not None:
-            attn_mask = _trivial_mask(attn_mask, where)
+            attn_mask = _joint_keys(attn_mask, query.shape[-2], n_joint, position, where)
         if is_causal or enable_gqa or query.shape[1] != key.shape[1]:
             raise UnsupportedAttentionError(f"{where}: causal and grouped-query attention are not supported by the "
                                             f"sequence-parallel strategies")
@@ -94,14 +95,42 @@ class AttentionRouter(TorchFunctionMode):
             query = query * (scale * math.sqrt(head_dim))
         q, k, v = (t.transpose(1, 2) for t in (query, key, value))  # (B, S, H, D)
         self.routed += 1
-        return self.runtime.route(q, k, v, self.layer).transpose(1, 2)
+        if not n_joint:
+            return self.runtime.route(q, k, v, self.layer).transpose(1, 2)
+        sq = q.shape[1]
+        jsl = slice(0, n_joint) if position == "front" else slice(sq - n_joint, sq)
+        isl = slice(n_joint, sq) if position == "front" else slice(0, sq - n_joint)
+        jk, jv = k[:, jsl], v[:, jsl]
+        if attn_mask is not None:  # masked (padding) text keys are replicated: leaving them out is exact
+            jk, jv = jk[:, attn_mask], jv[:, attn_mask]
+        out_img, out_joint = self.runtime.route(q[:, isl], k[:, isl], v[:, isl], self.layer, joint=(q[:, jsl], jk, jv))
+        parts = (out_joint, out_img) if position == "front" else (out_img, out_joint)
+        return torch.cat(parts, dim=1).transpose(1, 2)
 
 
-def _trivial_mask(mask: torch.Tensor, where: str):
-    """None when ``mask`` masks nothing (all True / all zero); otherwise refuse it by name."""
-    trivial = bool(mask.all()) if mask.dtype == torch.bool else bool((mask == 0).all())
-    if trivial:
+def _is_keep_all(mask: torch.Tensor) -> bool:
+    return bool(mask.all()) if mask.dtype == torch.bool else bool((mask == 0).all())
+
+
+def _joint_keys(mask: torch.Tensor, sq: int, n_joint: int, position: str, where: str):
+    """None for a mask that masks nothing; the kept joint (text) keys for a key-padding mask on those only.
+
+    Sharded keys travel between ranks, so a mask on them is refused; a padding mask on the replicated
+    joint tokens (HunyuanVideo's text) is applied by dropping those keys, identically on every rank.
+    """
+    if _is_keep_all(mask):
         return None
-    raise UnsupportedAttentionError(
-        f"{where}: an attention mask that masks tokens (e.g. padded text) is not supported by the sequence-parallel "
-        f"strategies yet; use one prompt per call without padding (batch size 1), or run on one device")
+    refuse = UnsupportedAttentionError(
+        f"{where}: an attention mask that masks sharded tokens (e.g. padded text in a batch of prompts of different "
+        f"lengths) is not supported by the sequence-parallel strategies; pass one prompt per call, or prompts "
+        f"without padding")
+    if not n_joint or mask.shape[-1] != sq or mask.ndim != 4 or mask.shape[1] != 1 or mask.shape[2] != 1:
+        raise refuse
+    keep = mask[:, 0, 0] if mask.dtype == torch.bool else mask[:, 0, 0] == 0
+    if mask.dtype != torch.bool and not bool(((mask == 0) | (mask <= -1e4)).all()):
+        raise refuse
+    jsl = slice(0, n_joint) if position == "front" else slice(sq - n_joint, sq)
+    isl = slice(n_joint, sq) if position == "front" else slice(0, sq - n_joint)
+    if not bool(keep[:, isl].all()) or not bool((keep[:, jsl] == keep[:1, jsl]).all()):
+        raise refuse  # masked sharded keys, or a different padding per batch entry
+    return keep[0, jsl]

@@ -28,7 +28,7 @@ import torch
 
 from ...parallel.errors import ConfigMismatchError
 from .plans import FamilyPlan, Gather, Split, is_cross_attention, resolve_paths, unwrap_model
-from .router import AttentionRouter, UnroutedAttentionError, backend_of, check_backend
+from .router import AttentionRouter, UnroutedAttentionError, UnsupportedAttentionError, backend_of, check_backend
 
 #: Test-only hooks, inert unless set (documented in docs/reliability.md). ``COMPACTFUSION_TEST_STEP_FILE``:
 #: each denoising step writes "PID STEP" to this path ("{rank}" in it is replaced by the global rank;
@@ -96,6 +96,14 @@ class _Call:
     gathered: bool = False
     ns: object = None
     stream_step: int = 0
+    joint_tokens: int = 0  # replicated tokens in each self-attention call (plans with ``joint``)
+
+    def local_sums(self) -> set:
+        """Token counts a routed call may hold: sums of distinct split lengths (e.g. text shard + image shard)."""
+        sums = {0}
+        for n in {local for local, _ in self.splits}:
+            sums |= {s + n for s in sums}
+        return sums
 
 
 class TransformerRuntime:
@@ -195,13 +203,18 @@ class TransformerRuntime:
             return type(x)(self._split(t, spec, f"{what}[{i}]") for i, t in enumerate(x))
         if not isinstance(x, torch.Tensor):
             raise TypeError(f"plan {self.plan.name!r}: {what} is {type(x).__name__}, expected a tensor to split")
+        if spec.optional and (x.ndim != spec.ndim or x.shape[spec.dim % x.ndim] == 1):
+            return x  # e.g. a per-sample timestep where the plan also allows a per-token one
         if x.ndim != spec.ndim:
-            if spec.optional:
-                return x
             raise ValueError(f"plan {self.plan.name!r}: {what} has shape {tuple(x.shape)} but the plan splits a "
                              f"{spec.ndim}-D tensor along dim {spec.dim}; pass inputs in the layout the model "
                              f"expects, or give ParallelConfig(plan=...) for this layout")
         dim = spec.dim % x.ndim
+        if spec.mask and not bool((x != 0).all()):
+            # Decided on the full mask, so every rank refuses together (a shard-local decision would not be).
+            raise UnsupportedAttentionError(
+                f"plan {self.plan.name!r}: {what} masks some tokens (padded text); masks over sharded tokens are not "
+                f"supported by the sequence-parallel strategies: pass one prompt per call, or prompts without padding")
         total = int(x.shape[dim])
         local = self.ctx.shard_seq(x, dim)
         call = self.call
@@ -284,24 +297,48 @@ class TransformerRuntime:
             return out
         return forward
 
-    def route(self, q, k, v, layer: int):
-        """Parallel attention of one routed SDPA call (B, S_local, H, D), per request when batched."""
+    def joint_layout(self, sq: int, where: str) -> tuple[int, str]:
+        """(replicated joint tokens in this call, their position); checks the call holds sharded tokens only."""
+        call, plan = self.call, self.plan
+        sums = call.local_sums()
+        n = call.joint_tokens
+        if plan.joint and n and sq - n in sums and sq - n > 0:
+            return n, plan.joint
+        if sq in sums:
+            return 0, "none"
+        raise UnroutedAttentionError(
+            f"{where}: {sq} query tokens match no combination of this rank's split token counts "
+            f"{sorted(sums - {0})}" + (f" plus {n} replicated tokens" if plan.joint else "") +
+            f"; the plan {plan.name!r} does not split every token this attention sees")
+
+    def route(self, q, k, v, layer: int, joint=None):
+        """Parallel attention of one routed SDPA call (B, S_local, H, D), per request when batched.
+
+        ``joint``: replicated (q, k, v) tokens; then returns ``(out, joint_out)``.
+        """
         call = self.call
         sizes = self.owner.request_rows
+        jkw = {} if joint is None else dict(joint_q=joint[0], joint_k=joint[1], joint_v=joint[2])
         if not sizes or len(sizes) == 1:
-            return self.ctx.attention(q, k, v, layer=layer, step=call.stream_step, branch=call.ns)
+            return self.ctx.attention(q, k, v, layer=layer, step=call.stream_step, branch=call.ns, **jkw)
         n = sum(sizes)
         if q.shape[0] % n:
             raise ValueError(f"request batches {list(sizes)} ({n} images) do not divide the transformer batch "
                              f"{q.shape[0]}; pass set_request_batches sizes that add up to the images per call")
         out = torch.empty_like(q)
+        jout = None if joint is None else torch.empty_like(joint[0])
         offsets = [sum(sizes[:i]) for i in range(len(sizes))]
         for r, (off, size) in enumerate(zip(offsets, sizes)):
             rows = torch.tensor([j * n + off + i for j in range(q.shape[0] // n) for i in range(size)],
                                 device=q.device)
-            out[rows] = self.ctx.attention(q[rows], k[rows], v[rows], layer=layer, step=call.stream_step,
-                                           branch=(call.ns, "request", r))
-        return out
+            kw = {} if joint is None else dict(joint_q=joint[0][rows], joint_k=joint[1][rows], joint_v=joint[2][rows])
+            res = self.ctx.attention(q[rows], k[rows], v[rows], layer=layer, step=call.stream_step,
+                                     branch=(call.ns, "request", r), **kw)
+            if joint is None:
+                out[rows] = res
+            else:
+                out[rows], jout[rows] = res
+        return out if joint is None else (out, jout)
 
     # -- the transformer call ------------------------------------------------------------------
     def _advance(self, arguments: dict) -> None:
@@ -349,6 +386,9 @@ class TransformerRuntime:
             runtime._stream_steps[branch] = count + 1
             ns = (runtime.index, branch)
             call = _Call(ns=None if ns == (0, 0) else ns, stream_step=count)
+            if runtime.plan.joint:
+                jt = arguments.get(runtime.plan.joint_tokens)
+                call.joint_tokens = int(jt.shape[1]) if isinstance(jt, torch.Tensor) and jt.ndim >= 2 else 0
             ctx = runtime.ctx
             if ctx.cfg_world > 1:
                 runtime._split_cfg(arguments)
