@@ -33,7 +33,11 @@ Ranks in arguments (``sizes`` order, ``dst``, ``src``) are indices within the gr
 gloo and on mixed ``cpu:gloo,cuda:nccl`` groups, the current GPU on NCCL-only groups); payloads stay
 on their device where the backend carries it (NCCL for CUDA, in one batched exchange) and are staged
 through the control device otherwise. Control *objects* travel as tagged JSON (:mod:`.control`),
-never pickle. On NCCL, waiting with a timeout blocks the host until the op completes.
+never pickle. On NCCL, waiting with a timeout blocks the host until the op completes (kernels already
+queued keep running, so ring overlap survives; the next kernels launch after the wait), which is what
+turns a dead peer into our ``CommTimeoutError`` within ``timeout_s``. NCCL ignores tags: there a
+skipped op is not detected by tag mismatch but pairs with the peer's next message of the same
+pair, so use ``check_sizes=True`` when debugging op-order problems on GPUs.
 """
 from __future__ import annotations
 
