@@ -254,6 +254,16 @@ def _ops_main(rank: int, world: int):
             raise AssertionError("unsendable object accepted")
         except TypeError as e:
             assert ("cannot be sent" in str(e)), str(e)
+    import compactfusion.comm.group as group_mod
+    group_mod.MAX_CONTROL_BYTES, cap = 100, group_mod.MAX_CONTROL_BYTES
+    for call in (lambda: comm.all_gather_object("x" * (200 if me == 1 else 5)),
+                 lambda: comm.broadcast_object("y" * 300 if me == 1 else None, src=1)):
+        try:  # an oversized control object is refused on every rank, none allocates or waits for it
+            call()
+            raise AssertionError("oversized object accepted")
+        except ValueError as e:
+            assert "exceeds" in str(e) or "over 100 bytes" in str(e), str(e)
+    group_mod.MAX_CONTROL_BYTES = cap
     t = torch.tensor([me + 1.0])
     assert comm.all_reduce(t, "sum").item() == sum(range(1, W + 1))
     # NCCL's code path (one batch_isend_irecv per exchange), run here on gloo

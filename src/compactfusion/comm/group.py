@@ -58,6 +58,8 @@ __all__ = ["Communicator", "CommHandle", "MeshGroup", "mesh_partition", "make_me
            "make_mesh_communicators", "summary_all_ranks"]
 
 _MAX_TAG = 2**31 - 1
+#: Largest control object accepted (a peer's length field must not make this rank allocate at will).
+MAX_CONTROL_BYTES = 64 * 2**20
 _REDUCE_OPS = {"sum": torch.add, "max": torch.maximum, "min": torch.minimum, "prod": torch.mul}
 
 
@@ -474,6 +476,8 @@ class Communicator:
         n = int(length.item())
         if refused is not None:
             raise refused
+        if n > MAX_CONTROL_BYTES:  # checked on the sender too, so nobody waits for a message never sent
+            raise ValueError(f"{ctx.describe()}: a control object of {n} bytes exceeds {MAX_CONTROL_BYTES} bytes")
         if n < 0:
             raise TypeError(f"{ctx.describe()}: rank {self.ranks[src]} passed an object that cannot be sent as a "
                             f"control message (see its TypeError)")
@@ -500,6 +504,9 @@ class Communicator:
         sizes = [row[0] for row in self._gather_ints(ctx, [-1 if refused else len(data)])]
         if refused is not None:
             raise refused
+        big = [(self.ranks[i], n) for i, n in enumerate(sizes) if n > MAX_CONTROL_BYTES]
+        if big:  # every rank sees the same sizes: all raise together
+            raise ValueError(f"{ctx.describe()}: control objects over {MAX_CONTROL_BYTES} bytes from (rank, bytes) {big}")
         bad = [self.ranks[i] for i, n in enumerate(sizes) if n < 0]
         if bad:
             raise TypeError(f"{ctx.describe()}: rank(s) {bad} passed an object that cannot be sent as a control "
