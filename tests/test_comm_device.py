@@ -116,3 +116,19 @@ def test_timeouts_and_cli_init(monkeypatch):
                   "device_id": torch.device("cuda", 1)}
     with pytest.raises(ValueError, match="local_rank"):
         device.cuda_init_kwargs(-1, 20.0)
+
+
+def test_init_distributed_calls(monkeypatch):
+    """What init_distributed passes to torch for a CUDA rank and a CPU rank (torch mocked)."""
+    import torch.distributed as dist
+    calls = []
+    monkeypatch.setattr(dist, "init_process_group", lambda *a, **kw: calls.append((a, kw)))
+    monkeypatch.setattr(torch.cuda, "set_device", lambda i: calls.append(("set_device", i)))
+    monkeypatch.setattr(device, "nccl_environment", lambda: calls.append("nccl_env"))
+    device.init_distributed("cuda:1", 30.0, rank=1, world_size=2)
+    assert calls == [("set_device", 1), "nccl_env",
+                     ((), {"backend": "cpu:gloo,cuda:nccl", "timeout": timedelta(seconds=40), "device_id": torch.device("cuda", 1),
+                           "rank": 1, "world_size": 2})]
+    calls.clear()
+    device.init_distributed("cpu", 5.0)
+    assert calls == [(("gloo",), {"timeout": timedelta(seconds=15)})]

@@ -35,7 +35,7 @@ import torch
 import torch.distributed as dist
 
 __all__ = ["backend_map", "control_device", "transport_device", "batched_p2p", "group_timeout",
-           "nccl_environment", "cuda_init_kwargs", "GROUP_TIMEOUT_GRACE_S"]
+           "nccl_environment", "cuda_init_kwargs", "init_distributed", "GROUP_TIMEOUT_GRACE_S"]
 
 #: Extra seconds a group's (watchdog) timeout gets over the per-op deadline.
 GROUP_TIMEOUT_GRACE_S = 10.0
@@ -128,3 +128,21 @@ def cuda_init_kwargs(local_rank: int, timeout_s: float) -> dict[str, Any]:
         raise ValueError(f"local_rank must be an integer >= 0, got {local_rank!r}")
     return {"backend": "cpu:gloo,cuda:nccl", "timeout": group_timeout(timeout_s),
             "device_id": torch.device("cuda", local_rank)}
+
+
+def init_distributed(device: torch.device | str, timeout_s: float, **kw: Any) -> None:
+    """``init_process_group`` the way this package expects, for a rank computing on ``device``.
+
+    CUDA: ``torch.cuda.set_device``, :func:`nccl_environment`, then backend ``cpu:gloo,cuda:nccl`` bound to
+    the device (:func:`cuda_init_kwargs`). CPU: gloo. Either way the group timeout is
+    :func:`group_timeout` of ``timeout_s``. ``kw`` passes ``store``/``rank``/``world_size`` through
+    (default: torchrun's environment variables).
+    """
+    device = torch.device(device)
+    if device.type == "cuda":
+        index = device.index if device.index is not None else int(os.environ.get("LOCAL_RANK", "0"))
+        torch.cuda.set_device(index)
+        nccl_environment()
+        dist.init_process_group(**cuda_init_kwargs(index, timeout_s), **kw)
+    else:
+        dist.init_process_group("gloo", timeout=group_timeout(timeout_s), **kw)
