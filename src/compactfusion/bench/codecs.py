@@ -3,10 +3,12 @@
 Per codec and shape (fp32 input): exact payload bytes, compression vs fp16, relative error of the
 reconstructed step residual x_t - x_{t-1} of a synthetic temporally correlated activation
 sequence, and encode+decode time next to ``x.clone()`` of the same tensor measured in the same
-loop (so machine load hits both). A second table compares low-rank warm and cold starts over a
-sequence of residuals.
+loop (so machine load hits both). Codecs with a fused implementation (binary, int2: see
+codecs/fused) are timed twice in that loop, PyTorch reference and fused, after checking that both
+put the same bytes on the wire; a targets table compares the fused times with the goals of
+issue 11. A second table compares low-rank warm and cold starts over a sequence of residuals.
 
-    compactfusion bench codecs [--quick] [--json PATH] [--out DIR] [--device cpu|cuda]
+    compactfusion bench codecs [--quick] [--shapes 64x128,1088x3072] [--json PATH] [--out DIR] [--device cpu|cuda]
 """
 from __future__ import annotations
 
@@ -19,14 +21,19 @@ from pathlib import Path
 
 import torch
 
-from ..codecs import CodecState, get_codec
+from ..codecs import CodecState, fused, get_codec
 from ..codecs.lowrank import LowRankCodec
 from ._common import environment_markdown, environment_record, json_safe, markdown_table, write_outputs
 
 CODECS = ("fp16", "bf16", "raw:float32", "int8", "int4", "int2", "binary",
           "topk:8", "topk:16", "lowrank:8", "lowrank:16", "lowrank-int4:32")
-SHAPES = ((4096, 3072), (1088, 3072))
+SHAPES = ((4096, 3072), (1088, 3072), (64, 128))
 QUICK_SHAPES = ((512, 384), (136, 384))
+#: Codecs that have a fused implementation next to the PyTorch reference.
+FUSED_SPECS = ("binary", "int2")
+#: Issue 11 targets for fused encode+decode: <= 3x clone() at the two FLUX shapes, <= 100 us at 64x128.
+CLONE_TARGET = 3.0
+SMALL_TARGET_S = 100e-6
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -35,7 +42,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", metavar="PATH", help="also write the rows as a JSON list to PATH")
     p.add_argument("--out", metavar="DIR", help="write DIR/results.{json,csv,md}")
     p.add_argument("--codecs", help=f"comma-separated specs (default: {','.join(CODECS)})")
-    p.add_argument("--reps", type=int, default=None, help="timed repetitions per codec (default 5, quick 2)")
+    p.add_argument("--shapes", help="comma-separated NxC shapes (default: "
+                   + ",".join(f"{n}x{c}" for n, c in SHAPES) + "; quick: " + ",".join(f"{n}x{c}" for n, c in QUICK_SHAPES) + ")")
+    p.add_argument("--reps", type=int, default=None,
+                   help="timed repetitions per codec (default 5, quick 2; scaled up to 40x for small shapes)")
     p.add_argument("--steps", type=int, default=None, help="residual steps for warm vs cold (default 8, quick 4)")
     p.add_argument("--device", default="cpu", help="torch device (default cpu)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
@@ -92,49 +102,92 @@ def _rel_err(y: torch.Tensor, x: torch.Tensor) -> float:
     return float((y.double() - x.double()).norm() / x.double().norm().clamp_min(1e-30))
 
 
+def _timed(fn, dev: torch.device):
+    _sync(dev)
+    t0 = time.perf_counter()
+    out = fn()
+    _sync(dev)
+    return out, time.perf_counter() - t0
+
+
 def measure(spec: str, x: torch.Tensor, reps: int) -> dict:
-    codec = get_codec(spec)
     n, c = x.shape
     dev = x.device
+    impls = {"reference": get_codec(spec, impl="reference")}
+    backend = fused.backend("auto", dev) if spec in FUSED_SPECS else "reference"
+    if backend != "reference":
+        impls["fused"] = get_codec(spec, impl="fused")
+    codec = impls["reference"]
     payload = codec.encode(x)
     y = codec.decode(payload, (n, c), dtype=x.dtype)
     err = _rel_err(y, x)
-    clone_t, enc_t, dec_t = [], [], []
-    for _ in range(reps):  # interleaved so that load drift hits clone and codec alike
-        _sync(dev)
-        t0 = time.perf_counter()
-        z = x.clone()
-        _sync(dev)
-        t1 = time.perf_counter()
-        payload = codec.encode(x)
-        _sync(dev)
-        t2 = time.perf_counter()
-        y = codec.decode(payload, (n, c), dtype=x.dtype)
-        _sync(dev)
-        t3 = time.perf_counter()
-        clone_t.append(t1 - t0)
-        enc_t.append(t2 - t1)
-        dec_t.append(t3 - t2)
-        del z, y
-    encdec = statistics.median(e + d for e, d in zip(enc_t, dec_t))
+    if "fused" in impls:
+        fp = impls["fused"].encode(x)
+        same = torch.equal(fp, payload) and torch.equal(impls["fused"].decode(fp, (n, c), dtype=x.dtype), y)
+        if not same:
+            raise RuntimeError(f"{spec}: the fused path's bytes or reconstruction differ from the reference")
+    clone_t = []
+    enc_t = {k: [] for k in impls}
+    dec_t = {k: [] for k in impls}
+    for _ in range(reps):  # interleaved so that load drift hits clone and every implementation alike
+        z, t = _timed(x.clone, dev)
+        clone_t.append(t)
+        del z
+        for name, cd in impls.items():
+            payload, t = _timed(lambda: cd.encode(x), dev)
+            enc_t[name].append(t)
+            y, t = _timed(lambda: cd.decode(payload, (n, c), dtype=x.dtype), dev)
+            dec_t[name].append(t)
+            del y
     clone = statistics.median(clone_t)
+    encdec = {k: statistics.median(e + d for e, d in zip(enc_t[k], dec_t[k])) for k in impls}
     nbytes = payload.numel()
     if nbytes != codec.encoded_nbytes(n, c):
         raise RuntimeError(f"{spec}: payload has {nbytes} bytes, encoded_nbytes says {codec.encoded_nbytes(n, c)}")
-    return {
+    row = {
         "codec": spec,
         "n": n,
         "c": c,
         "bytes": nbytes,
         "ratio_vs_fp16": 2 * n * c / nbytes,
         "rel_error": err,
-        "encode_s": statistics.median(enc_t),
-        "decode_s": statistics.median(dec_t),
-        "encode_decode_s": encdec,
+        "encode_s": statistics.median(enc_t["reference"]),
+        "decode_s": statistics.median(dec_t["reference"]),
+        "encode_decode_s": encdec["reference"],
         "clone_s": clone,
-        "encdec_over_clone": encdec / clone if clone > 0 else float("nan"),
+        "encdec_over_clone": encdec["reference"] / clone if clone > 0 else float("nan"),
+        "fused_backend": backend if "fused" in impls else None,
+        "reps": reps,
         "device": str(dev),
     }
+    if "fused" in impls:
+        row.update({
+            "fused_encode_s": statistics.median(enc_t["fused"]),
+            "fused_decode_s": statistics.median(dec_t["fused"]),
+            "fused_encode_decode_s": encdec["fused"],
+            "fused_over_clone": encdec["fused"] / clone if clone > 0 else float("nan"),
+            "fused_speedup": encdec["reference"] / encdec["fused"] if encdec["fused"] > 0 else float("nan"),
+        })
+    return row
+
+
+def targets(rows: list[dict]) -> list[dict]:
+    """Issue 11's goals for the fused codecs, checked against the measured rows."""
+    out = []
+    for r in rows:
+        if r.get("fused_encode_decode_s") is None:
+            continue
+        if (r["n"], r["c"]) == (64, 128):
+            goal, value = f"<= {SMALL_TARGET_S * 1e6:.0f} us", f"{r['fused_encode_decode_s'] * 1e6:.0f} us"
+            ok = r["fused_encode_decode_s"] <= SMALL_TARGET_S
+        elif r["n"] * r["c"] >= 1088 * 3072:
+            goal, value = f"<= {CLONE_TARGET:g}x clone", f"{r['fused_over_clone']:.2f}x clone"
+            ok = r["fused_over_clone"] <= CLONE_TARGET
+        else:  # the goals are set for a 64x128 stream and the FLUX shapes only
+            continue
+        out.append({"codec": r["codec"], "shape": f"{r['n']} x {r['c']}", "goal": goal, "measured": value,
+                    "met": "yes" if ok else "**no**"})
+    return out
 
 
 def warm_vs_cold(n: int, c: int, steps: int, seed: int, device, rank: int = 8) -> list[dict]:
@@ -182,9 +235,12 @@ def warm_vs_cold(n: int, c: int, steps: int, seed: int, device, rank: int = 8) -
 
 MAIN_COLUMNS = (
     ("codec", "codec"), ("shape", "N x C"), ("bytes", "bytes"), ("ratio_vs_fp16", "ratio vs fp16"),
-    ("rel_error", "rel. error (residual)"), ("encode_decode_ms", "enc+dec ms"), ("clone_ms", "clone ms"),
-    ("encdec_over_clone", "enc+dec / clone"),
+    ("rel_error", "rel. error (residual)"), ("clone_ms", "clone ms"), ("encode_decode_ms", "reference enc+dec ms"),
+    ("encdec_over_clone", "reference / clone"), ("fused_encode_decode_ms", "fused enc+dec ms"),
+    ("fused_over_clone", "fused / clone"), ("fused_speedup", "fused speed-up"),
 )
+TARGET_COLUMNS = (("codec", "codec"), ("shape", "N x C"), ("goal", "goal (fused enc+dec)"), ("measured", "measured"),
+                  ("met", "met"))
 WARM_COLUMNS = (
     ("codec", "variant"), ("shape", "N x C"), ("bytes", "bytes"),
     ("rel_error", "mean rel. error, steps 2..T"), ("encode_ms", "encode ms"),
@@ -195,25 +251,57 @@ def _display(rows: list[dict]) -> list[dict]:
     out = []
     for r in rows:
         d = dict(r, shape=f"{r['n']} x {r['c']}")
-        for k in ("encode_decode_s", "clone_s", "encode_s"):
+        for k in ("encode_decode_s", "clone_s", "encode_s", "fused_encode_decode_s"):
             if k in r:
                 d[k[:-2] + "_ms"] = r[k] * 1e3
         out.append(d)
     return out
 
 
-def report(rows: list[dict], warm_rows: list[dict], env: dict, quick: bool) -> str:
+def fused_note(device: torch.device) -> str:
+    kind = fused.backend("auto", device)
+    if kind == "cpu-c":
+        from ..codecs.fused import cpu
+
+        lib = cpu.load()
+        simd = "AVX2+F16C intrinsics" if lib.cf_simd() else "portable C"
+        return f"C kernels ({simd}, built once by {cpu._compiler()}, OpenMP on torch's threads)"
+    if kind == "triton":
+        return "Triton kernels"
+    return "none available (PyTorch reference only)"
+
+
+def report(rows: list[dict], warm_rows: list[dict], env: dict, quick: bool, device=torch.device("cpu")) -> str:
     lines = ["# Codec benchmark" + (" (quick)" if quick else ""), ""]
     lines.append(
         "fp32 input; rel. error = ||D(E(r)) - r|| / ||r|| for a step residual r = x_t - x_{t-1} of a "
         "synthetic correlated activation sequence (rho 0.95, persistent decaying low-rank subspace, "
         "log-normal channel scales); times are medians, clone = x.clone() of the same tensor in the "
-        "same loop."
+        "same loop (repetitions scaled up for small shapes). reference = the PyTorch implementation; "
+        f"fused = {fused_note(device)}, checked to put the same bytes on the wire and to reconstruct the "
+        "same bits before it is timed. The codecs use the fused path by default (`impl=\"auto\"`)."
     )
-    lines += ["", markdown_table(_display(rows), MAIN_COLUMNS), "## Low-rank warm vs cold start", ""]
+    lines += ["", markdown_table(_display(rows), MAIN_COLUMNS)]
+    goals = targets(rows)
+    if goals:
+        lines += ["## Targets for the fused codecs", "", markdown_table(goals, TARGET_COLUMNS)]
+    lines += ["## Low-rank warm vs cold start", ""]
     lines.append(markdown_table(_display(warm_rows), WARM_COLUMNS))
     lines += ["## Environment", "", environment_markdown(env)]
     return "\n".join(lines)
+
+
+def parse_shapes(text: str) -> tuple[tuple[int, int], ...]:
+    shapes = []
+    for part in text.split(","):
+        try:
+            n, c = (int(v) for v in part.strip().lower().split("x"))
+        except ValueError:
+            raise ValueError(f"--shapes: {part!r} is not NxC (e.g. 1088x3072)") from None
+        if n < 1 or c < 1:
+            raise ValueError(f"--shapes: {part!r} must have positive sizes")
+        shapes.append((n, c))
+    return tuple(shapes)
 
 
 def run(argv=None) -> list[dict]:
@@ -230,7 +318,7 @@ def run(argv=None) -> list[dict]:
             raise ValueError("--threads must be >= 1")
         torch.set_num_threads(a.threads)
     device = torch.device(a.device)
-    shapes = QUICK_SHAPES if a.quick else SHAPES
+    shapes = parse_shapes(a.shapes) if a.shapes else (QUICK_SHAPES if a.quick else SHAPES)
     env = environment_record()
     rows: list[dict] = []
     with torch.no_grad():
@@ -238,11 +326,13 @@ def run(argv=None) -> list[dict]:
             data = CorrelatedActivations(n, c, a.seed, device)
             data.step_residual()
             r = data.step_residual().contiguous()
+            scaled = reps * max(1, min(40, 1_000_000 // (n * c)))  # tiny shapes: more samples, same wall time
             for spec in specs:
-                rows.append(measure(spec, r, reps))
+                rows.append(measure(spec, r, scaled))
             del data, r
-        warm_rows = warm_vs_cold(*shapes[-1], steps=steps, seed=a.seed + 1, device=device)
-    md = report(rows, warm_rows, env, a.quick)
+        warm_shape = ([s for s in shapes if s[0] * s[1] > 64 * 128] or shapes)[-1]  # 1088x3072 by default
+        warm_rows = warm_vs_cold(*warm_shape, steps=steps, seed=a.seed + 1, device=device)
+    md = report(rows, warm_rows, env, a.quick, device)
     print(md)
     all_rows = rows + warm_rows
     if a.json:
