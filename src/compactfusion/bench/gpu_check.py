@@ -123,9 +123,9 @@ def _init_single(dev: torch.device) -> None:
     import torch.distributed as dist
     if dist.is_initialized():
         return
+    from compactfusion.comm.device import init_distributed
     store = dist.TCPStore("127.0.0.1", 0, 1, is_master=True, timeout=timedelta(seconds=30))
-    backend = "cpu:gloo,cuda:nccl" if dev.type == "cuda" else "gloo"
-    dist.init_process_group(backend, store=store, rank=0, world_size=1, timeout=timedelta(seconds=60))
+    init_distributed(dev, 60.0, store=store, rank=0, world_size=1)  # cpu:gloo,cuda:nccl on CUDA, as the CLI
 
 
 def pipeline(p: dict, dev: torch.device, steps: int = 3) -> dict:
