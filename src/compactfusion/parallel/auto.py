@@ -199,13 +199,15 @@ class AutoController:
     (CFG halves included), so configuration fingerprints, which sample the plan, still agree. The link
     is measured once, lazily, by the first :meth:`ensure` (a short :func:`probe_link` on the payload's
     device); with a ``virtual`` link model the model's own numbers are used instead, since modelled
-    time is what such a run reports. Each layer is timed once per stream shape.
+    time is what such a run reports. Codecs are timed once per stream shape (all ranks agree on the
+    slowest rank's times); each layer then costs one pure decision.
     """
 
     def __init__(self, plan: AutoPlan, comm, *, reps: int = 3, probe_kwargs: dict | None = None):
         self.plan, self.comm, self.reps = plan, comm, int(reps)
         self.probe_kwargs = dict(probe_kwargs or {})
         self.link: tuple[float, float] | None = None  # (bandwidth B/s, latency s), agreed
+        self._times: dict[tuple, dict] = {}  # (shape, dtype, device) -> agreed coding times
 
     def _link(self, device: torch.device) -> tuple[float, float]:
         if self.link is None:
@@ -225,8 +227,11 @@ class AutoController:
             return self.plan.choices[layer]
         device = torch.device(device)
         bw, lat = self._link(device)
-        times = measure_coding_times(self.plan.candidates, shape, dtype, device, reps=self.reps)
-        times = agreed_coding_times(self.comm, times)
+        key = (tuple(shape), str(dtype), str(device))
+        times = self._times.get(key)
+        if times is None:  # layers of one model mostly share a shape: time each shape once
+            times = measure_coding_times(self.plan.candidates, shape, dtype, device, reps=self.reps)
+            times = self._times[key] = agreed_coding_times(self.comm, times)
         return self.plan.decide(layer, shape, dtype, bw, lat, times, messages=messages, encodes=encodes)
 
 
