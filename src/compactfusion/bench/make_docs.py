@@ -25,7 +25,7 @@ BENCHES = {
     "project": ([], ["--quick"], 300),
     "codecs": ([], ["--quick"], 300),
     "comm": ([], ["--quick"], 420),
-    "quality": ([], ["--quick"], 1200),
+    "quality": ([], ["--quick"], 1500),
     "latency": (["--shaped"], ["--quick"], 900),
     "soak": (["--generations", "40"], ["--generations", "6"], 420),
 }
