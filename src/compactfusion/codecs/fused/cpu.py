@@ -129,21 +129,22 @@ def encode(lib, codec, x: torch.Tensor, bits: int, blocks: list[slice]) -> torch
     p = -(-c // (8 // bits))
     payload = torch.empty(n * p + 2 * (n + c), dtype=torch.uint8)
     base = payload.data_ptr()
-    tok = torch.empty(n, dtype=torch.float32)
+    tw = torch.empty(n + 2, dtype=torch.float32)  # tok, then 2 floats of scratch for cf_sign_stats
+    tok, work = tw[:n], tw[n:]
     buf = torch.empty(blocks[0].stop - blocks[0].start, c, dtype=torch.float32)
     chan = None
+    xp = x.data_ptr()
     for rows in blocks:
         k = rows.stop - rows.start
-        ab = buf[:k]
-        xp = x.data_ptr() + rows.start * ld * es
-        lib.cf_abs_bits(xp, dt, k, c, ld, ab.data_ptr(), base + rows.start * p if bits == 1 else None, p)
+        ab = buf if k == buf.shape[0] else buf[:k]
+        lib.cf_abs_bits(xp + rows.start * ld * es, dt, k, c, ld, ab.data_ptr(),
+                        base + rows.start * p if bits == 1 else None, p)
         # Same calls on the same block shapes as sign._abs_sums: identical fp32 sums.
-        torch.sum(ab, 1, out=tok[rows])
+        torch.sum(ab, 1, out=tok if k == n else tok[rows])
         part = ab.sum(0)
         chan = part if chan is None else chan.add_(part)  # == zeros + part + ... (sums of |x| are never -0)
     lib.cf_div_sums(tok.data_ptr(), n, chan.data_ptr(), c)
     mean = float(tok.mean())
-    work = torch.empty(2, dtype=torch.float32)
     if lib.cf_sign_stats(tok.data_ptr(), n, chan.data_ptr(), c, mean, work.data_ptr()):
         return None
     sqrt_q = float(torch.sqrt(work[0]))  # torch's sqrt, bit for bit what balance_gain computes
@@ -167,3 +168,4 @@ def decode(lib, payload: torch.Tensor, n: int, c: int, bits: int, levels: tuple[
         payload = payload.contiguous()
     lib.cf_sign_decode(payload.data_ptr(), n, c, bits, _levels(tuple(levels)), out.data_ptr(), odt)
     return out if dtype in _DTYPES else out.to(dtype)
+
