@@ -51,9 +51,13 @@ def test_every_current_caller_payload_encodes():
     """What the code base sends today: config agreement, shape signatures, checksums, fingerprint parts."""
     from compactfusion.api import _flat
     from compactfusion.parallel import ParallelConfig
-    cfg = ParallelConfig(strategy="ring", compression="binary")
-    msg = (cfg.fingerprint(), _flat(cfg.to_dict()))
-    assert control.decode(control.encode(msg)) == msg
+    from compactfusion.comm import LinkModel
+    from compactfusion.parallel.auto import auto_compression
+    for cfg in (ParallelConfig(strategy="ring", compression="binary"),
+                ParallelConfig(strategy="ulysses", link=LinkModel("1MB/s", "1ms", "sleep"),
+                               compression=auto_compression(("binary", "int2"), floor="int2"))):
+        msg = (cfg.fingerprint(), _flat(cfg.to_dict()))
+        assert control.decode(control.encode(msg)) == msg
 
 
 # ---- device rules -----------------------------------------------------------------------------
