@@ -178,3 +178,26 @@ def test_build_cache_is_reused(tmp_path, monkeypatch):
         assert cpu.load() is not None and built[0].stat().st_mtime_ns == stamp  # loaded, not rebuilt
     finally:
         cpu.load.cache_clear()
+
+
+@pytest.mark.parametrize("spec", SPECS)
+@pytest.mark.parametrize("impl", ("auto", "reference"))
+def test_decode_add_is_base_plus_decode_bitwise(spec, impl):
+    """The fused residual update: base + D(payload) in one pass, same bits as the two-step form."""
+    g = torch.Generator().manual_seed(6)
+    codec = get_codec(spec, impl=impl)
+    for n, c in ((1, 1), (7, 13), (64, 128), (700, 3001)):
+        x = torch.randn(n, c, generator=g)
+        base = torch.randn(n, c, generator=g) * 3
+        p = codec.encode(x)
+        want = base + get_codec(spec, impl="reference").decode(p, (n, c), torch.float32)
+        for b in (base, torch.zeros(n, c), base.t().contiguous().t()):
+            want_b = b + get_codec(spec, impl="reference").decode(p, (n, c), torch.float32)
+            got = codec.decode_add(p, (n, c), b)
+            assert got.dtype == torch.float32 and torch.equal(_bits(got), _bits(want_b))
+        assert torch.equal(_bits(codec.decode_add(p, (n, c), base)), _bits(want))
+    # other dtypes/shapes of base: plain broadcasting semantics of base + decode
+    p = codec.encode(torch.randn(4, 6, generator=g))
+    row = torch.randn(6, generator=g)
+    assert torch.equal(codec.decode_add(p, (4, 6), row), row + codec.decode(p, (4, 6)))
+    assert get_codec("int8").decode_add(get_codec("int8").encode(torch.ones(2, 3)), (2, 3), torch.ones(2, 3)).shape == (2, 3)

@@ -52,6 +52,12 @@ class Codec:
     def decode(self, payload: torch.Tensor, shape: tuple[int, int], dtype: torch.dtype = torch.float32) -> torch.Tensor:
         raise NotImplementedError
 
+    def decode_add(self, payload: torch.Tensor, shape: tuple[int, int], base: torch.Tensor) -> torch.Tensor:
+        """``base + decode(payload, shape, float32)`` for an fp32 ``base``: the residual update
+        (reconstruction = prediction + decoded residual). Codecs with a fused decoder do the add in
+        the same pass; the bits are the same either way (one correctly rounded fp32 add)."""
+        return base + self.decode(payload, shape, torch.float32)
+
     def __repr__(self) -> str:
         return f"<codec {self.spec}>"
 

@@ -29,6 +29,19 @@ from .packing import (
 #: staying within 0.3% of it on heavy tails. Dyadic => level * b[c] is exact in fp32.
 INT2_LEVEL_LO = 0.46875
 INT2_LEVEL_HI = 1.875
+#: Reconstruction level per field value, in units of the scale a[n] * b[c].
+BINARY_LEVELS = (-1.0, 1.0)
+INT2_LEVELS = (-INT2_LEVEL_LO, -INT2_LEVEL_HI, INT2_LEVEL_LO, INT2_LEVEL_HI)
+
+
+def _decode_add(codec, payload, shape, base, bits: int, levels) -> torch.Tensor:
+    n, c = codec._check_decode_args(payload, shape, torch.float32)
+    if isinstance(base, torch.Tensor) and base.dtype == torch.float32 and tuple(base.shape) == (n, c) \
+            and base.device == payload.device:
+        out = fused.decode(codec.impl, payload, n, c, bits, levels, torch.float32, add_to=base)
+        if out is not None:
+            return out
+    return base + codec.decode(payload, shape, torch.float32)
 
 
 def _abs_sums(xf: torch.Tensor, blocks: list[slice], bits: torch.Tensor | None, clamp: float | None = None):
@@ -109,7 +122,7 @@ class BinaryCodec(Codec):
 
     def decode(self, payload: torch.Tensor, shape: tuple[int, int], dtype: torch.dtype = torch.float32) -> torch.Tensor:
         n, c = self._check_decode_args(payload, shape, dtype)
-        out = fused.decode(self.impl, payload, n, c, 1, (-1.0, 1.0), dtype)
+        out = fused.decode(self.impl, payload, n, c, 1, BINARY_LEVELS, dtype)
         if out is not None:
             return out
         p = packed_len(c, 1)
@@ -118,6 +131,9 @@ class BinaryCodec(Codec):
         b = bytes_as(bb, torch.float16, (c,)).float()
         values = _values([-1.0, 1.0], payload.device)
         return finish(_decode_scaled(bits.view(n, p), 1, values, a, b, c), dtype)
+
+    def decode_add(self, payload: torch.Tensor, shape: tuple[int, int], base: torch.Tensor) -> torch.Tensor:
+        return _decode_add(self, payload, shape, base, 1, BINARY_LEVELS)
 
 
 class Int2Codec(Codec):
@@ -164,7 +180,7 @@ class Int2Codec(Codec):
     def decode(self, payload: torch.Tensor, shape: tuple[int, int], dtype: torch.dtype = torch.float32) -> torch.Tensor:
         n, c = self._check_decode_args(payload, shape, dtype)
         lo, hi = INT2_LEVEL_LO, INT2_LEVEL_HI
-        out = fused.decode(self.impl, payload, n, c, 2, (-lo, -hi, lo, hi), dtype)
+        out = fused.decode(self.impl, payload, n, c, 2, INT2_LEVELS, dtype)
         if out is not None:
             return out
         p = packed_len(c, 2)
@@ -173,3 +189,6 @@ class Int2Codec(Codec):
         b = bytes_as(bb, torch.float16, (c,)).float()
         values = _values([-lo, -hi, lo, hi], payload.device)
         return finish(_decode_scaled(fields.view(n, p), 2, values, a, b, c), dtype)
+
+    def decode_add(self, payload: torch.Tensor, shape: tuple[int, int], base: torch.Tensor) -> torch.Tensor:
+        return _decode_add(self, payload, shape, base, 2, INT2_LEVELS)

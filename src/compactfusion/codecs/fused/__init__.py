@@ -88,10 +88,12 @@ def encode(impl: str, codec, x: torch.Tensor, bits: int) -> torch.Tensor | None:
     return _triton().encode(codec, x, bits, blocks)
 
 
-def decode(impl: str, payload: torch.Tensor, n: int, c: int, bits: int, levels, dtype) -> torch.Tensor | None:
+def decode(impl: str, payload: torch.Tensor, n: int, c: int, bits: int, levels, dtype,
+           add_to: torch.Tensor | None = None) -> torch.Tensor | None:
     kind = backend(impl, payload.device)
     if kind == "reference":
         return None
     if kind == "cpu-c":
-        return cpu.decode(_cpu_lib(), payload, n, c, bits, levels, dtype)
-    return _triton().decode(payload, n, c, bits, levels, dtype)
+        return cpu.decode(_cpu_lib(), payload, n, c, bits, levels, dtype, add_to)
+    out = _triton().decode(payload, n, c, bits, levels, dtype)
+    return out if add_to is None else add_to + out

@@ -39,7 +39,7 @@ _SIGNATURES = {
     "cf_sign_stats": (_I32, [_VP, _I64, _VP, _I64, _F32, _VP]),
     "cf_sign_factors": (None, [_VP, _I64, _VP, _I64, _F32, _VP, _F32, _VP, _VP]),
     "cf_int2_fields": (None, [_VP, _I32, _I64, _I64, _I64, _VP, _VP, _VP, _I64]),
-    "cf_sign_decode": (None, [_VP, _I64, _I64, _I32, _VP, _VP, _I32]),
+    "cf_sign_decode": (None, [_VP, _I64, _I64, _I32, _VP, _VP, _I32, _VP]),
     "cf_simd": (_I32, []),
 }
 
@@ -161,11 +161,17 @@ def _levels(levels: tuple[float, ...]):
     return (ctypes.c_float * 4)(*levels, *([0.0] * (4 - len(levels))))
 
 
-def decode(lib, payload: torch.Tensor, n: int, c: int, bits: int, levels: tuple[float, ...], dtype) -> torch.Tensor:
+def decode(lib, payload: torch.Tensor, n: int, c: int, bits: int, levels: tuple[float, ...], dtype,
+           add_to: torch.Tensor | None = None) -> torch.Tensor:
+    """x_hat as ``dtype``; with ``add_to`` (fp32, (n, c)): add_to + x_hat in fp32, in the same pass."""
+    if add_to is not None:
+        dtype = torch.float32
+        if not add_to.is_contiguous():
+            add_to = add_to.contiguous()
     odt = _DTYPES.get(dtype, 0)
     out = torch.empty(n, c, dtype=dtype if dtype in _DTYPES else torch.float32)
     if not payload.is_contiguous():
         payload = payload.contiguous()
-    lib.cf_sign_decode(payload.data_ptr(), n, c, bits, _levels(tuple(levels)), out.data_ptr(), odt)
+    lib.cf_sign_decode(payload.data_ptr(), n, c, bits, _levels(tuple(levels)), out.data_ptr(), odt,
+                       None if add_to is None else add_to.data_ptr())
     return out if dtype in _DTYPES else out.to(dtype)
-

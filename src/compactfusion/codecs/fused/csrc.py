@@ -223,9 +223,11 @@ void cf_int2_fields(const void *x, int dt, int64_t rows, int64_t c, int64_t ldx,
 }
 
 /* Decode x_hat[n, c] = (level(field) * b[c]) * a[n] into out (dtype odt). bits = 1 (binary:
-   level -1/+1) or 2 (int2: levels lv[field]). a16/b16 follow the fields in the payload. */
+   level -1/+1) or 2 (int2: levels lv[field]). a16/b16 follow the fields in the payload.
+   acc (fp32 out only, may be NULL): out = acc + x_hat, one more separately rounded op (the
+   residual update base + decoded without a second pass; -ffp-contract=off keeps it FMA-free). */
 void cf_sign_decode(const uint8_t *payload, int64_t n, int64_t c, int bits, const float *lv, void *out,
-                    int odt) {
+                    int odt, const float *acc) {
     const int64_t p = bits == 1 ? (c + 7) / 8 : (c + 3) / 4;
     const uint8_t *a16 = payload + n * p, *b16 = a16 + 2 * n;
     float *b = (float *)malloc((size_t)(c + 8) * sizeof(float));
@@ -236,6 +238,7 @@ void cf_sign_decode(const uint8_t *payload, int64_t n, int64_t c, int bits, cons
         const uint8_t *f = payload + r * p;
         const float a = cf_h2f(rd16(a16 + 2 * r));
         void *o = (uint8_t *)out + (size_t)r * c * (odt == DT_F32 ? 4 : 2);
+        const float *accr = acc ? acc + r * c : NULL;
         int64_t j = 0;
 #ifdef CF_SIMD
         const __m256 av = _mm256_set1_ps(a);
@@ -246,7 +249,9 @@ void cf_sign_decode(const uint8_t *payload, int64_t n, int64_t c, int bits, cons
                 __m256i hit = _mm256_and_si256(_mm256_set1_epi32(f[j >> 3]), sel);
                 __m256 is0 = _mm256_castsi256_ps(_mm256_cmpeq_epi32(hit, _mm256_setzero_si256()));
                 __m256 lvl = _mm256_blendv_ps(plus, minus, is0);
-                store8(o, odt, j, _mm256_mul_ps(_mm256_mul_ps(lvl, _mm256_loadu_ps(b + j)), av));
+                __m256 v = _mm256_mul_ps(_mm256_mul_ps(lvl, _mm256_loadu_ps(b + j)), av);
+                if (accr) v = _mm256_add_ps(_mm256_loadu_ps(accr + j), v);
+                store8(o, odt, j, v);
             }
         } else {
             const __m256i sh = _mm256_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14);
@@ -255,7 +260,9 @@ void cf_sign_decode(const uint8_t *payload, int64_t n, int64_t c, int bits, cons
                 __m256i w = _mm256_set1_epi32(rd16(f + (j >> 2)));
                 __m256i idx = _mm256_and_si256(_mm256_srlv_epi32(w, sh), _mm256_set1_epi32(3));
                 __m256 lvl = _mm256_permutevar8x32_ps(table, idx);
-                store8(o, odt, j, _mm256_mul_ps(_mm256_mul_ps(lvl, _mm256_loadu_ps(b + j)), av));
+                __m256 v = _mm256_mul_ps(_mm256_mul_ps(lvl, _mm256_loadu_ps(b + j)), av);
+                if (accr) v = _mm256_add_ps(_mm256_loadu_ps(accr + j), v);
+                store8(o, odt, j, v);
             }
         }
 #endif
@@ -263,7 +270,9 @@ void cf_sign_decode(const uint8_t *payload, int64_t n, int64_t c, int bits, cons
             float lvl;
             if (bits == 1) lvl = (f[j >> 3] >> (j & 7)) & 1 ? 1.0f : -1.0f;
             else lvl = lv[(f[j >> 2] >> (2 * (j & 3))) & 3];
-            store1(o, odt, j, (lvl * b[j]) * a);
+            float v = (lvl * b[j]) * a;
+            if (accr) v = accr[j] + v;
+            store1(o, odt, j, v);
         }
     }
     free(b);
