@@ -16,7 +16,7 @@ TEXT = {"cogvideox": 16}  # fixed by its config (max_text_seq_length)
 
 # transformer calls per denoising step with tiny_call_kwargs: 1 = one (CFG-batched or distilled) call,
 # 2 = separate conditional and unconditional calls sharing a timestep
-CALLS_PER_STEP = {"flux": 1, "sd3": 1, "pixart": 1, "flux2": 1, "qwenimage": 2, "wan": 2, "wan22": 2,
+CALLS_PER_STEP = {"flux": 1, "flux_controlnet": 1, "sd3": 1, "pixart": 1, "flux2": 1, "qwenimage": 2, "wan": 2, "wan22": 2,
                   "wan22_ti2v": 2, "ltx": 1, "cogvideox": 1, "hunyuanvideo": 2, "hunyuanvideo15": 2}
 
 
@@ -77,15 +77,16 @@ def test_wan_per_token_timestep_forward():
     assert torch.isfinite(per_token).all() and not torch.equal(per_token, uniform)
 
 
-def _run_pipeline(family, seed=0, steps=2):
+def _run_pipeline(family, seed=0, steps=2, **overrides):
     pipe = TINY[family](seed)
     calls = []
     for name in ("transformer", "transformer_2"):
         module = getattr(pipe, name, None)
         if module is not None:
             module.register_forward_pre_hook(
-                lambda m, args, kwargs, name=name: calls.append((name, kwargs["timestep"].clone())), with_kwargs=True)
-    out = pipe(**tiny_call_kwargs(family, steps=steps, seed=seed))
+                lambda m, args, kwargs, name=name: calls.append((name, kwargs["timestep"].clone(), kwargs)),
+                with_kwargs=True)
+    out = pipe(**tiny_call_kwargs(family, steps=steps, seed=seed, **overrides))
     return np.asarray(out.frames if family in VIDEO_FAMILIES else out.images), calls
 
 
@@ -99,12 +100,23 @@ def test_pipeline_two_steps_bitwise_reproducible(family):
     # calls within one step share the timestep; consecutive steps differ
     per_step = [calls[i:i + CALLS_PER_STEP[family]] for i in range(0, len(calls), CALLS_PER_STEP[family])]
     for step in per_step:
-        assert all(torch.equal(t, step[0][1]) for _, t in step)
+        assert all(torch.equal(t, step[0][1]) for _, t, _ in step)
     assert not torch.equal(per_step[0][0][1], per_step[1][0][1])
     if family == "wan22":
-        assert [n for n, _ in calls] == ["transformer", "transformer", "transformer_2", "transformer_2"]
+        assert [n for n, _, _ in calls] == ["transformer", "transformer", "transformer_2", "transformer_2"]
+    if family == "flux_controlnet":
+        assert all(kw["controlnet_block_samples"][0].shape[1] == kw["hidden_states"].shape[1] for _, _, kw in calls)
     if family == "wan22_ti2v":
         assert calls[0][1].ndim == 2, "expand_timesteps must pass a (batch, tokens) timestep"
+
+
+def test_branch_variants_flux_true_cfg_and_sd3_skip_layer_guidance():
+    _, calls = _run_pipeline("flux", true_cfg_scale=2.0, negative_prompt="a dog")
+    assert len(calls) == 4 and torch.equal(calls[0][1], calls[1][1]) and not torch.equal(calls[1][1], calls[2][1])
+    _, calls = _run_pipeline("sd3", steps=3, skip_guidance_layers=[1], skip_layer_guidance_start=0.0,
+                             skip_layer_guidance_stop=1.0)
+    shapes = [(kw["hidden_states"].shape[0], kw.get("skip_layers")) for _, _, kw in calls]
+    assert shapes == [(2, None), (2, None), (1, [1]), (2, None), (1, [1])], shapes  # CFG batch, then SLG branch
 
 
 def test_call_kwargs_rejects_unknown_family():

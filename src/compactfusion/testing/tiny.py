@@ -40,12 +40,18 @@ def tiny_flux_transformer(seed: int = 0, heads: int = 4, head_dim: int = 16):
                                 attention_head_dim=head_dim, num_attention_heads=heads, joint_attention_dim=32,
                                 pooled_projection_dim=32, axes_dims_rope=(4, 6, 6)).eval()
 
-    def make_kwargs(batch=1, grid=(3, 5), text=7, seed=0):
+    def make_kwargs(batch=1, grid=(3, 5), text=7, seed=0, controlnet=False):
+        """``controlnet=True`` adds full-length ControlNet residuals (one per double / single block), as
+        FluxControlNetPipeline passes them: they must be split with the image tokens."""
         g = torch.Generator().manual_seed(seed)
         h, w = grid
-        return dict(hidden_states=randn(g, batch, h * w, 4), encoder_hidden_states=randn(g, batch, text, 32),
-                    pooled_projections=randn(g, batch, 32), timestep=torch.full((batch,), 0.5),
-                    img_ids=grid_ids(h, w, prefix=(0,)), txt_ids=torch.zeros(text, 3), return_dict=False)
+        kw = dict(hidden_states=randn(g, batch, h * w, 4), encoder_hidden_states=randn(g, batch, text, 32),
+                  pooled_projections=randn(g, batch, 32), timestep=torch.full((batch,), 0.5),
+                  img_ids=grid_ids(h, w, prefix=(0,)), txt_ids=torch.zeros(text, 3), return_dict=False)
+        if controlnet:
+            kw.update(controlnet_block_samples=[randn(g, batch, h * w, heads * head_dim)],
+                      controlnet_single_block_samples=[randn(g, batch, h * w, heads * head_dim)])
+        return kw
     return tr, make_kwargs
 
 
@@ -55,6 +61,21 @@ def tiny_flux(seed: int = 0):
     return eval_pipe(FluxPipeline(scheduler=FlowMatchEulerDiscreteScheduler(), vae=_vae(1), text_encoder=clip(),
                                   tokenizer=clip_tokenizer(), text_encoder_2=t5(), tokenizer_2=t5_tokenizer(),
                                   transformer=transformer))
+
+
+def tiny_flux_controlnet(seed: int = 0):
+    """FluxControlNetPipeline: the tiny FLUX.1 plus a same-sized 1+1-block FluxControlNetModel whose residuals
+    (full token length) are added inside every transformer block; call with ``control_image`` (tiny_call_kwargs)."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, FluxControlNetModel, FluxControlNetPipeline
+    transformer, _ = tiny_flux_transformer(seed)
+    torch.manual_seed(seed + 1)
+    controlnet = FluxControlNetModel(patch_size=1, in_channels=4, num_layers=1, num_single_layers=1,
+                                     attention_head_dim=16, num_attention_heads=4, joint_attention_dim=32,
+                                     pooled_projection_dim=32, axes_dims_rope=(4, 6, 6))
+    return eval_pipe(FluxControlNetPipeline(scheduler=FlowMatchEulerDiscreteScheduler(), vae=_vae(1),
+                                            text_encoder=clip(), tokenizer=clip_tokenizer(), text_encoder_2=t5(),
+                                            tokenizer_2=t5_tokenizer(), transformer=transformer,
+                                            controlnet=controlnet))
 
 
 # ---- SD3 ----
@@ -111,7 +132,7 @@ def tiny_pixart(seed: int = 0):
                                          transformer=transformer, scheduler=DDIMScheduler()))
 
 
-TINY = {"flux": tiny_flux, "sd3": tiny_sd3, "pixart": tiny_pixart, "flux2": tiny_flux2, "qwenimage": tiny_qwenimage,
+TINY = {"flux": tiny_flux, "flux_controlnet": tiny_flux_controlnet, "sd3": tiny_sd3, "pixart": tiny_pixart, "flux2": tiny_flux2, "qwenimage": tiny_qwenimage,
         "wan": tiny_wan, "wan22": tiny_wan22, "wan22_ti2v": tiny_wan22_ti2v, "ltx": tiny_ltx,
         "cogvideox": tiny_cogvideox, "hunyuanvideo": tiny_hunyuanvideo, "hunyuanvideo15": tiny_hunyuanvideo15}
 
@@ -149,9 +170,13 @@ def tiny_call_kwargs(family: str, height: int = 32, width: int = 32, steps: int 
         raise ValueError(f"unknown tiny family {family!r}; choose one of {sorted(TINY)}")
     kw = dict(prompt="a photo of a red cat", height=height, width=width, num_inference_steps=steps,
               generator=torch.Generator().manual_seed(seed), output_type="np")
-    if family == "flux":
+    if family == "flux":   # add true_cfg_scale=2.0, negative_prompt=... for two calls per step
         kw.update(max_sequence_length=16, guidance_scale=3.5)
-    elif family == "sd3":
+    elif family == "flux_controlnet":
+        g = torch.Generator().manual_seed(seed + 2000)
+        kw.update(max_sequence_length=16, guidance_scale=3.5, controlnet_conditioning_scale=0.7,
+                  control_image=torch.rand(1, 3, height, width, generator=g))
+    elif family == "sd3":   # skip_guidance_layers=[1], skip_layer_guidance_start=0.0: + a batch-1 branch from step 1
         kw.update(max_sequence_length=16, guidance_scale=5.0)
     elif family == "pixart":
         kw.update(use_resolution_binning=False, max_sequence_length=16, guidance_scale=4.5)
