@@ -144,7 +144,8 @@ class _Coder:
             x_hat32 = self._codec(wire).decode(payload, shape, dtype).float()
         else:  # coded steps, and warmup steps with a lossy warmup_codec (prediction 0 on a fresh stream)
             pred = self._prediction(st, payload.new_empty(shape, dtype=torch.float32))
-            x_hat32 = pred + self._codec(wire).decode(payload, shape, torch.float32)
+            # pred + D(payload); fused codecs add in their decode pass (same bits: codecs/fused)
+            x_hat32 = self._codec(wire).decode_add(payload, shape, pred)
         self._store(st, x_hat32, state_dtype)
         if true_x is not None and self.config.residual_order == 1 and not self.config.error_feedback:
             st.base = true_x.to(state_dtype)  # the drifting ablation: the sender forgets its coding error
