@@ -214,17 +214,32 @@ def launch(a, nproc: int, fn=None) -> int:
 
 
 def _watch_stopped(errdir: str, stopped: dict, done: threading.Event) -> None:
-    """Record ranks whose process is stopped (SIGSTOP, a debugger): before the agent kills them, the only
-    moment their state can be seen."""
+    """Record ranks whose process is stopped (SIGSTOP, a debugger), the only moment their state can be seen;
+    once another worker has exited, resume them (SIGCONT) so that the agent's SIGTERM ends them at once: its
+    failure path waits a fixed 30 s before SIGKILL (``LocalElasticAgent._stop_workers`` ignores the
+    configured shutdown timeout), and a stopped process never acts on SIGTERM."""
     import psutil
+    gone = (psutil.STATUS_ZOMBIE, psutil.STATUS_DEAD)
     while not done.wait(0.2):
+        status = {}
         for f in Path(errdir).glob("rank*.pid"):
             try:
                 rank, pid = int(f.stem[4:]), int(f.read_text())
-                if psutil.Process(pid).status() == psutil.STATUS_STOPPED:
-                    stopped.setdefault(rank, "stopped")
+                status[rank] = (pid, psutil.Process(pid).status())
+            except psutil.NoSuchProcess:
+                status[rank] = (None, psutil.STATUS_DEAD)
             except (OSError, ValueError, psutil.Error):
                 continue
+        for rank, (_, st) in status.items():
+            if st == psutil.STATUS_STOPPED:
+                stopped.setdefault(rank, "stopped")
+        if any(st in gone for _, st in status.values()):
+            for pid, st in status.values():
+                if st == psutil.STATUS_STOPPED:
+                    try:
+                        os.kill(pid, signal.SIGCONT)
+                    except OSError:
+                        pass
 
 
 # ---------------------------------------------------------------------------------------------- failure report

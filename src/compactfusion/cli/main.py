@@ -16,12 +16,14 @@ BENCHES = {
     "latency": "compactfusion.bench.latency",
     "project": "compactfusion.bench.project",
     "soak": "compactfusion.bench.soak",
+    "serve": "compactfusion.bench.serve",
 }
 
 USAGE = """usage: compactfusion <command> [options]
 
 commands:
   generate        run a (parallel) generation; `compactfusion generate --help`
+  serve           serve the model over an OpenAI-compatible HTTP API; `compactfusion serve --help`
   train-digits    train the bundled digits model
   bench NAME      benchmarks: {benches}
 """.format(benches=", ".join(BENCHES))
@@ -56,6 +58,9 @@ def main(argv=None) -> int:
     if cmd == "generate":
         from .generate import main as generate_main
         return run_guarded(generate_main, rest)
+    if cmd == "serve":
+        from .serve import main as serve_main
+        return run_guarded(serve_main, rest)
     if cmd == "train-digits":
         from ..bundled.digits_train import main as train_main
         return run_guarded(train_main, rest)
@@ -64,7 +69,7 @@ def main(argv=None) -> int:
             return fail(f"bench needs one of: {', '.join(BENCHES)}")
         module = importlib.import_module(BENCHES[rest[0]])
         return run_guarded(module.main, rest[1:])
-    return fail(f"unknown command {cmd!r}; use one of: generate, train-digits, bench")
+    return fail(f"unknown command {cmd!r}; use one of: generate, serve, train-digits, bench")
 
 
 if __name__ == "__main__":

@@ -76,9 +76,14 @@ def run_worker(a) -> int:
     if world > 1:
         if device.type == "cuda":
             torch.cuda.set_device(device)
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=timedelta(seconds=a.timeout))
+        # Start-up (imports, model loading) is bounded by the rendezvous timeout, not by --timeout: on a loaded
+        # machine ranks reach the first collective seconds apart. --timeout bounds every op after the barrier.
+        startup = max(a.timeout, float(getattr(a, "rdzv_timeout", 60.0)))
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=timedelta(seconds=startup))
     try:
         pipe = load_pipeline(a.model, dtype, device)
+        if world > 1:
+            dist.barrier()  # every rank has loaded the model (waits at most the start-up bound)
         factor = spatial_factor(pipe)
         for name in ("height", "width"):
             v = getattr(a, name)
