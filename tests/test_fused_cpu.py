@@ -201,3 +201,25 @@ def test_decode_add_is_base_plus_decode_bitwise(spec, impl):
     row = torch.randn(6, generator=g)
     assert torch.equal(codec.decode_add(p, (4, 6), row), row + codec.decode(p, (4, 6)))
     assert get_codec("int8").decode_add(get_codec("int8").encode(torch.ones(2, 3)), (2, 3), torch.ones(2, 3)).shape == (2, 3)
+
+
+@pytest.mark.parametrize("spec", SPECS)
+@pytest.mark.parametrize("impl", ("auto", "reference"))
+def test_encode_residual_is_encode_of_difference(spec, impl):
+    """The fused residual step: E(x.float() - pred) without materialising the residual, same bytes."""
+    g = torch.Generator().manual_seed(7)
+    codec, ref = get_codec(spec, impl=impl), get_codec(spec, impl="reference")
+    for (n, c), dtype in (((1, 1), torch.float32), ((7, 13), torch.float16), ((64, 128), torch.bfloat16),
+                          ((700, 3001), torch.float32), ((30, 50), torch.float64)):
+        x = torch.randn(n, c, generator=g).to(dtype)
+        pred = x.float() + 0.05 * torch.randn(n, c, generator=g)
+        assert torch.equal(codec.encode_residual(x, pred), ref.encode(x.float() - pred)), (spec, n, c, dtype)
+        assert torch.equal(codec.encode_residual(x, torch.zeros(n, c)), ref.encode(x.float()))
+    x = torch.randn(5, 9, generator=g)
+    assert torch.equal(codec.encode_residual(x.t(), torch.ones(9, 5)), ref.encode(x.t() - 1))
+    x[1, 2] = float("nan")
+    with pytest.raises(ValueError, match="NaN"):
+        codec.encode_residual(x, torch.zeros(5, 9))
+    with pytest.raises(ValueError, match="Inf"):
+        codec.encode_residual(torch.full((2, 3), 3e38), torch.full((2, 3), -3e38))
+    assert get_codec("int8").encode_residual(torch.ones(2, 3), torch.ones(2, 3)).numel() == 2 * 3 + 4 * 3

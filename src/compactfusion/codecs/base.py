@@ -52,6 +52,12 @@ class Codec:
     def decode(self, payload: torch.Tensor, shape: tuple[int, int], dtype: torch.dtype = torch.float32) -> torch.Tensor:
         raise NotImplementedError
 
+    def encode_residual(self, x: torch.Tensor, pred: torch.Tensor, state: CodecState | None = None) -> torch.Tensor:
+        """``encode(x.float() - pred, state)`` for an fp32 ``pred`` of x's shape: the residual coding
+        step. Codecs with a fused encoder subtract on the fly instead of materialising the residual;
+        the bytes are the same either way."""
+        return self.encode(x.float() - pred, state)
+
     def decode_add(self, payload: torch.Tensor, shape: tuple[int, int], base: torch.Tensor) -> torch.Tensor:
         """``base + decode(payload, shape, float32)`` for an fp32 ``base``: the residual update
         (reconstruction = prediction + decoded residual). Codecs with a fused decoder do the add in

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 
 from . import fused
-from .base import Codec, CodecState
+from .base import FLOAT_DTYPES, Codec, CodecState
 from .numeric import SQ16_MAX, balance_gain, finish, row_blocks, safe_div, to_fp16
 from .packing import (
     bytes_as,
@@ -32,6 +32,16 @@ INT2_LEVEL_HI = 1.875
 #: Reconstruction level per field value, in units of the scale a[n] * b[c].
 BINARY_LEVELS = (-1.0, 1.0)
 INT2_LEVELS = (-INT2_LEVEL_LO, -INT2_LEVEL_HI, INT2_LEVEL_LO, INT2_LEVEL_HI)
+
+
+def _encode_residual(codec, x, pred, bits: int) -> torch.Tensor:
+    if isinstance(x, torch.Tensor) and isinstance(pred, torch.Tensor) and pred.dtype == torch.float32 \
+            and x.dim() == 2 and pred.shape == x.shape and pred.device == x.device and x.dtype in FLOAT_DTYPES \
+            and x.dtype != torch.float64 and x.numel() > 0:
+        payload = fused.encode(codec.impl, codec, x, bits, sub=pred)
+        if payload is not None:
+            return payload
+    return codec.encode(x.float() - pred)
 
 
 def _decode_add(codec, payload, shape, base, bits: int, levels) -> torch.Tensor:
@@ -132,6 +142,9 @@ class BinaryCodec(Codec):
         values = _values([-1.0, 1.0], payload.device)
         return finish(_decode_scaled(bits.view(n, p), 1, values, a, b, c), dtype)
 
+    def encode_residual(self, x: torch.Tensor, pred: torch.Tensor, state: CodecState | None = None) -> torch.Tensor:
+        return _encode_residual(self, x, pred, 1)
+
     def decode_add(self, payload: torch.Tensor, shape: tuple[int, int], base: torch.Tensor) -> torch.Tensor:
         return _decode_add(self, payload, shape, base, 1, BINARY_LEVELS)
 
@@ -189,6 +202,9 @@ class Int2Codec(Codec):
         b = bytes_as(bb, torch.float16, (c,)).float()
         values = _values([-lo, -hi, lo, hi], payload.device)
         return finish(_decode_scaled(fields.view(n, p), 2, values, a, b, c), dtype)
+
+    def encode_residual(self, x: torch.Tensor, pred: torch.Tensor, state: CodecState | None = None) -> torch.Tensor:
+        return _encode_residual(self, x, pred, 2)
 
     def decode_add(self, payload: torch.Tensor, shape: tuple[int, int], base: torch.Tensor) -> torch.Tensor:
         return _decode_add(self, payload, shape, base, 2, INT2_LEVELS)

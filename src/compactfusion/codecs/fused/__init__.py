@@ -76,15 +76,18 @@ def backend(impl: str, device: torch.device) -> str:
     return "reference"
 
 
-def encode(impl: str, codec, x: torch.Tensor, bits: int) -> torch.Tensor | None:
-    """The payload, or None where the reference must encode (no fused path, NaN/Inf, overflow)."""
+def encode(impl: str, codec, x: torch.Tensor, bits: int, sub: torch.Tensor | None = None) -> torch.Tensor | None:
+    """The payload of x (or of x.float() - sub), or None where the reference must encode (no fused
+    path, NaN/Inf, overflow)."""
     kind = backend(impl, x.device)
     if kind == "reference":
         return None
     n, c = x.shape
     blocks = row_blocks(n, c, x.device)
     if kind == "cpu-c":
-        return cpu.encode(_cpu_lib(), codec, x, bits, blocks)
+        return cpu.encode(_cpu_lib(), codec, x, bits, blocks, sub)
+    if sub is not None:
+        x = x.float() - sub
     return _triton().encode(codec, x, bits, blocks)
 
 

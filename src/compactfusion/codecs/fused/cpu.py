@@ -34,11 +34,11 @@ CACHE_ENV = "COMPACTFUSION_KERNEL_CACHE"
 _DTYPES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 _VP, _I64, _I32, _F32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_float
 _SIGNATURES = {
-    "cf_abs_bits": (None, [_VP, _I32, _I64, _I64, _I64, _VP, _VP, _I64]),
+    "cf_abs_bits": (None, [_VP, _I32, _I64, _I64, _I64, _VP, _VP, _VP, _I64]),
     "cf_div_sums": (None, [_VP, _I64, _VP, _I64]),
     "cf_sign_stats": (_I32, [_VP, _I64, _VP, _I64, _F32, _VP]),
     "cf_sign_factors": (None, [_VP, _I64, _VP, _I64, _F32, _VP, _F32, _VP, _VP]),
-    "cf_int2_fields": (None, [_VP, _I32, _I64, _I64, _I64, _VP, _VP, _VP, _I64]),
+    "cf_int2_fields": (None, [_VP, _I32, _I64, _I64, _I64, _VP, _VP, _VP, _VP, _I64]),
     "cf_sign_decode": (None, [_VP, _I64, _I64, _I32, _VP, _VP, _I32, _VP]),
     "cf_simd": (_I32, []),
 }
@@ -118,13 +118,17 @@ def supports(x: torch.Tensor) -> bool:
     return x.device.type == "cpu" and x.dtype in (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
 
-def encode(lib, codec, x: torch.Tensor, bits: int, blocks: list[slice]) -> torch.Tensor | None:
-    """Fused encode; None when the reference must take over (NaN/Inf or sum overflow)."""
+def encode(lib, codec, x: torch.Tensor, bits: int, blocks: list[slice], sub: torch.Tensor | None = None):
+    """Fused encode of x (or of x.float() - sub, sub fp32 (n, c)); None when the reference must take
+    over (NaN/Inf or sum overflow)."""
     n, c = x.shape
     if x.dtype == torch.float64:
         x = x.float()  # what the reference does first; fp32 from here on
     if x.stride(1) != 1 or x.stride(0) < c:
         x = x.contiguous()
+    if sub is not None and not sub.is_contiguous():
+        sub = sub.contiguous()
+    sp = None if sub is None else sub.data_ptr()
     dt, ld, es = _DTYPES[x.dtype], x.stride(0), x.element_size()
     p = -(-c // (8 // bits))
     payload = torch.empty(n * p + 2 * (n + c), dtype=torch.uint8)
@@ -137,8 +141,8 @@ def encode(lib, codec, x: torch.Tensor, bits: int, blocks: list[slice]) -> torch
     for rows in blocks:
         k = rows.stop - rows.start
         ab = buf if k == buf.shape[0] else buf[:k]
-        lib.cf_abs_bits(xp + rows.start * ld * es, dt, k, c, ld, ab.data_ptr(),
-                        base + rows.start * p if bits == 1 else None, p)
+        lib.cf_abs_bits(xp + rows.start * ld * es, dt, k, c, ld, None if sp is None else sp + rows.start * c * 4,
+                        ab.data_ptr(), base + rows.start * p if bits == 1 else None, p)
         # Same calls on the same block shapes as sign._abs_sums: identical fp32 sums.
         torch.sum(ab, 1, out=tok if k == n else tok[rows])
         part = ab.sum(0)
@@ -151,7 +155,7 @@ def encode(lib, codec, x: torch.Tensor, bits: int, blocks: list[slice]) -> torch
     a_ptr = base + n * p
     lib.cf_sign_factors(tok.data_ptr(), n, chan.data_ptr(), c, mean, work.data_ptr(), sqrt_q, a_ptr, a_ptr + 2 * n)
     if bits == 2:
-        lib.cf_int2_fields(x.data_ptr(), dt, n, c, ld, a_ptr, a_ptr + 2 * n, base, p)
+        lib.cf_int2_fields(x.data_ptr(), dt, n, c, ld, sp, a_ptr, a_ptr + 2 * n, base, p)
     return payload
 
 

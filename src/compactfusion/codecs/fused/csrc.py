@@ -102,14 +102,17 @@ static inline uint16_t spread8(uint32_t m) {
 }
 
 /* |x| as fp32 into ab (rows x c, dense) and, if bits != NULL, the sign bits [x >= 0] packed
-   LSB-first into bits (rows x p), pad bits 0. x rows are ldx elements apart. */
-static inline void abs_bits_row(const void *x, int dt, int64_t c, float *ab, uint8_t *bits) {
+   LSB-first into bits (rows x p), pad bits 0. x rows are ldx elements apart. With sub (fp32,
+   rows x c dense, may be NULL) the kernels code x - sub instead: the residual x.float() - pred
+   without materialising it (one correctly rounded subtraction, as in torch). */
+static inline void abs_bits_row(const void *x, int dt, int64_t c, const float *sub, float *ab, uint8_t *bits) {
     int64_t j = 0;
 #ifdef CF_SIMD
     const __m256 absmask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7FFFFFFF));
     const __m256 zero = _mm256_setzero_ps();
     for (; j + 8 <= c; j += 8) {
         __m256 v = load8(x, dt, j);
+        if (sub) v = _mm256_sub_ps(v, _mm256_loadu_ps(sub + j));
         _mm256_storeu_ps(ab + j, _mm256_and_ps(v, absmask));
         if (bits) bits[j >> 3] = (uint8_t)_mm256_movemask_ps(_mm256_cmp_ps(v, zero, _CMP_GE_OQ));
     }
@@ -119,6 +122,7 @@ static inline void abs_bits_row(const void *x, int dt, int64_t c, float *ab, uin
         int64_t end = j + 8 < c ? j + 8 : c;
         for (int64_t k = j; k < end; ++k) {
             float v = load1(x, dt, k);
+            if (sub) v = v - sub[k];
             ab[k] = fabsf(v);
             byte |= (uint32_t)(v >= 0.0f) << (k - j);
         }
@@ -126,12 +130,13 @@ static inline void abs_bits_row(const void *x, int dt, int64_t c, float *ab, uin
     }
 }
 
-void cf_abs_bits(const void *x, int dt, int64_t rows, int64_t c, int64_t ldx, float *ab, uint8_t *bits,
-                 int64_t p) {
+void cf_abs_bits(const void *x, int dt, int64_t rows, int64_t c, int64_t ldx, const float *sub, float *ab,
+                 uint8_t *bits, int64_t p) {
     const size_t es = dt == DT_F32 ? 4 : 2;
     #pragma omp parallel for schedule(static) if (rows * c >= CF_PAR_MIN)
     for (int64_t r = 0; r < rows; ++r)
-        abs_bits_row((const uint8_t *)x + (size_t)r * ldx * es, dt, c, ab + r * c, bits ? bits + r * p : NULL);
+        abs_bits_row((const uint8_t *)x + (size_t)r * ldx * es, dt, c, sub ? sub + r * c : NULL, ab + r * c,
+                     bits ? bits + r * p : NULL);
 }
 
 /* In place: tok /= c, chan /= n (torch's division by a Python int, fp32). */
@@ -185,8 +190,8 @@ void cf_sign_factors(const float *tok, int64_t n, const float *chan, int64_t c, 
 
 /* int2 fields (sign << 1) | [|x| * (1/b[c]) > a[n]], 4 per byte LSB-first, pad fields 0.
    a16/b16 are the wire factors (unaligned fp16). */
-void cf_int2_fields(const void *x, int dt, int64_t rows, int64_t c, int64_t ldx, const uint8_t *a16,
-                    const uint8_t *b16, uint8_t *out, int64_t p) {
+void cf_int2_fields(const void *x, int dt, int64_t rows, int64_t c, int64_t ldx, const float *sub,
+                    const uint8_t *a16, const uint8_t *b16, uint8_t *out, int64_t p) {
     float *inv_b = (float *)malloc((size_t)(c + 8) * sizeof(float));
     if (!inv_b) return;
     for (int64_t j = 0; j < c; ++j) inv_b[j] = 1.0f / cf_h2f(rd16(b16 + 2 * j));
@@ -194,6 +199,7 @@ void cf_int2_fields(const void *x, int dt, int64_t rows, int64_t c, int64_t ldx,
     #pragma omp parallel for schedule(static) if (rows * c >= CF_PAR_MIN)
     for (int64_t r = 0; r < rows; ++r) {
         const void *xr = (const uint8_t *)x + (size_t)r * ldx * es;
+        const float *sr = sub ? sub + r * c : NULL;
         uint8_t *o = out + r * p;
         const float a = cf_h2f(rd16(a16 + 2 * r));
         int64_t j = 0;
@@ -202,6 +208,7 @@ void cf_int2_fields(const void *x, int dt, int64_t rows, int64_t c, int64_t ldx,
         const __m256 zero = _mm256_setzero_ps(), av = _mm256_set1_ps(a);
         for (; j + 8 <= c; j += 8) {
             __m256 v = load8(xr, dt, j);
+            if (sr) v = _mm256_sub_ps(v, _mm256_loadu_ps(sr + j));
             __m256 t = _mm256_mul_ps(_mm256_and_ps(v, absmask), _mm256_loadu_ps(inv_b + j));
             uint32_t s = (uint32_t)_mm256_movemask_ps(_mm256_cmp_ps(v, zero, _CMP_GE_OQ));
             uint32_t m = (uint32_t)_mm256_movemask_ps(_mm256_cmp_ps(t, av, _CMP_GT_OQ));
@@ -213,6 +220,7 @@ void cf_int2_fields(const void *x, int dt, int64_t rows, int64_t c, int64_t ldx,
             int64_t end = j + 4 < c ? j + 4 : c;
             for (int64_t k = j; k < end; ++k) {
                 float v = load1(xr, dt, k);
+                if (sr) v = v - sr[k];
                 uint32_t f = ((uint32_t)(v >= 0.0f) << 1) | (uint32_t)(fabsf(v) * inv_b[k] > a);
                 byte |= f << (2 * (k - j));
             }
