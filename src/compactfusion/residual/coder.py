@@ -195,8 +195,8 @@ class ResidualEncoder(_Coder):
         if _lossless_raw(spec, self.config):
             payload = self._codec(wire).encode(x)
         else:
-            residual = x.float() - self._prediction(st, x)
-            payload = self._codec(wire).encode(residual, state=st.codec_state)
+            # E(x.float() - pred); fused codecs subtract inside their kernels (same bytes: codecs/fused)
+            payload = self._codec(wire).encode_residual(x, self._prediction(st, x), state=st.codec_state)
         x_hat = self._reconstruct(st, spec, payload, tuple(x.shape), x.dtype, state_dtype, true_x=x)
         st.last_step = step
         return payload, x_hat
