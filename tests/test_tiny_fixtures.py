@@ -77,6 +77,25 @@ def test_wan_per_token_timestep_forward():
     assert torch.isfinite(per_token).all() and not torch.equal(per_token, uniform)
 
 
+def test_variants_wan_i2v_and_qwenimage_edit_reference_tokens():
+    from compactfusion.testing.tiny_image import tiny_qwenimage_transformer
+    from compactfusion.testing.tiny_video import tiny_wan_transformer
+    tr, mk = tiny_wan_transformer(0, i2v=True)
+    with pytest.raises(ValueError, match="512 text tokens"):
+        mk()
+    kw = mk(batch=1, grid=(1, 3, 5), text=512)
+    with torch.no_grad():
+        with_image = tr(**kw)[0]
+        kw["encoder_hidden_states_image"] = torch.zeros_like(kw["encoder_hidden_states_image"])
+        without = tr(**kw)[0]
+    assert torch.isfinite(with_image).all() and not torch.equal(with_image, without)
+    tr, mk = tiny_qwenimage_transformer(0, zero_cond_t=True)
+    kw = mk(batch=2, grid=(3, 5))
+    assert kw["hidden_states"].shape[1] == 30 and len(kw["img_shapes"][0]) == 2  # target + reference tokens
+    with torch.no_grad():
+        assert tr(**kw)[0].shape == (2, 30, 16)
+
+
 def _run_pipeline(family, seed=0, steps=2, **overrides):
     pipe = TINY[family](seed)
     calls = []

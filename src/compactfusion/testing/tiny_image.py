@@ -42,13 +42,16 @@ def tiny_flux2(seed: int = 0):
                                    tokenizer=None, transformer=transformer))
 
 
-def tiny_qwenimage_transformer(seed: int = 0, heads: int = 3, head_dim: int = 16, layers: int = 2):
-    """3 heads by default: divides neither 2 nor 4 (Ulysses must refuse or pad)."""
+def tiny_qwenimage_transformer(seed: int = 0, heads: int = 3, head_dim: int = 16, layers: int = 2,
+                               zero_cond_t: bool = False):
+    """3 heads by default: divides neither 2 nor 4 (Ulysses must refuse or pad). ``zero_cond_t=True``: the
+    Qwen-Image-Edit-2511 layout, where reference-image tokens follow the target tokens and get the t=0
+    modulation through a per-token ``modulate_index`` (make_kwargs then appends a (1, h, w) reference image)."""
     from diffusers import QwenImageTransformer2DModel
     torch.manual_seed(seed)
     tr = QwenImageTransformer2DModel(patch_size=2, in_channels=16, out_channels=4, num_layers=layers,
                                      attention_head_dim=head_dim, num_attention_heads=heads, joint_attention_dim=16,
-                                     guidance_embeds=False, axes_dims_rope=(8, 4, 4)).eval()
+                                     guidance_embeds=False, axes_dims_rope=(8, 4, 4), zero_cond_t=zero_cond_t).eval()
 
     def make_kwargs(batch=1, grid=(3, 5), text=7, seed=0, text_pad=0):
         """``text_pad`` > 0 masks that many trailing text tokens of the last sample (a real padding mask)."""
@@ -58,9 +61,10 @@ def tiny_qwenimage_transformer(seed: int = 0, heads: int = 3, head_dim: int = 16
         if text_pad:
             mask = torch.ones(batch, text, dtype=torch.long)
             mask[-1, text - text_pad:] = 0
-        return dict(hidden_states=randn(g, batch, h * w, 16), encoder_hidden_states=randn(g, batch, text, 16),
-                    encoder_hidden_states_mask=mask, timestep=torch.full((batch,), 0.5),
-                    img_shapes=[[(1, h, w)]] * batch, return_dict=False)
+        shapes = [(1, h, w), (1, h, w)] if zero_cond_t else [(1, h, w)]
+        return dict(hidden_states=randn(g, batch, len(shapes) * h * w, 16),
+                    encoder_hidden_states=randn(g, batch, text, 16), encoder_hidden_states_mask=mask,
+                    timestep=torch.full((batch,), 0.5), img_shapes=[shapes] * batch, return_dict=False)
     return tr, make_kwargs
 
 

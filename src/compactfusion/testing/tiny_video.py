@@ -15,24 +15,33 @@ from ._parts import eval_pipe, randn, t5, t5_tokenizer, umt5
 
 # ---- Wan 2.1 / 2.2 -------------------------------------------------------------------------------------------
 
-def tiny_wan_transformer(seed: int = 0, heads: int = 2, head_dim: int = 12, layers: int = 2, in_channels: int = 16):
+def tiny_wan_transformer(seed: int = 0, heads: int = 2, head_dim: int = 12, layers: int = 2, in_channels: int = 16,
+                         i2v: bool = False):
+    """``i2v=True``: Wan 2.1 I2V layout (CLIP image tokens cross-attended through ``add_k_proj``/``add_v_proj``;
+    the processor hard-codes 512 text tokens, so make_kwargs then needs ``text=512``)."""
     from diffusers import WanTransformer3DModel
     torch.manual_seed(seed)
+    extra = dict(image_dim=16, added_kv_proj_dim=heads * head_dim) if i2v else {}
     tr = WanTransformer3DModel(patch_size=(1, 2, 2), num_attention_heads=heads, attention_head_dim=head_dim,
                                in_channels=in_channels, out_channels=in_channels, text_dim=32, freq_dim=256,
                                ffn_dim=32, num_layers=layers, cross_attn_norm=True, qk_norm="rms_norm_across_heads",
-                               rope_max_seq_len=32).eval()
+                               rope_max_seq_len=32, **extra).eval()
 
-    def make_kwargs(batch=1, grid=(2, 3, 5), text=7, seed=0, per_token_timestep=False):
+    def make_kwargs(batch=1, grid=(2, 3, 5), text=7, seed=0, per_token_timestep=False, image_tokens=5):
         """``per_token_timestep``: a (B, f*h*w) timestep like Wan 2.2 TI2V (first frame at t=0, the rest 0.5*1000)."""
+        if i2v and text != 512:
+            raise ValueError("the Wan I2V processor hard-codes 512 text tokens: call make_kwargs(text=512)")
         g = torch.Generator().manual_seed(seed)
         f, h, w = grid
         timestep = torch.full((batch,), 500.0)
         if per_token_timestep:
             timestep = torch.full((batch, f * h * w), 500.0)
             timestep[:, : h * w] = 0.0
-        return dict(hidden_states=randn(g, batch, in_channels, f, 2 * h, 2 * w), timestep=timestep,
-                    encoder_hidden_states=randn(g, batch, text, 32), return_dict=False)
+        kw = dict(hidden_states=randn(g, batch, in_channels, f, 2 * h, 2 * w), timestep=timestep,
+                  encoder_hidden_states=randn(g, batch, text, 32), return_dict=False)
+        if i2v:
+            kw["encoder_hidden_states_image"] = randn(g, batch, image_tokens, 16)
+        return kw
     return tr, make_kwargs
 
 
