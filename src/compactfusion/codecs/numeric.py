@@ -81,7 +81,8 @@ CPU_BLOCK_ELEMS = 1 << 21
 
 
 def row_blocks(n: int, c: int, device) -> list[slice]:
-    if torch.device(device).type != "cpu":
+    kind = device.type if isinstance(device, torch.device) else torch.device(device).type
+    if kind != "cpu" or n * c <= CPU_BLOCK_ELEMS:
         return [slice(0, n)]
     rows = max(1, CPU_BLOCK_ELEMS // max(c, 1))
     return [slice(r, min(n, r + rows)) for r in range(0, n, rows)]
