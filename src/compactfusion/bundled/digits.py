@@ -135,7 +135,14 @@ class DigitsPipeline(DiffusionPipeline):
         img_ids = image_ids(height, width).to(device=device, dtype=dtype)
 
         # Noise is drawn on the CPU from the caller's generator so every rank and device gets the same start.
-        noise = torch.randn((batch, 1, height, width), generator=generator, dtype=torch.float32)
+        # A list holds one generator per image (diffusers' convention; a serving batch repeats each request's
+        # own generator for its images, so every request draws the noise it would draw alone).
+        if isinstance(generator, (list, tuple)):
+            if len(generator) != batch:
+                raise ValueError(f"got {len(generator)} generators for {batch} images; pass one per image")
+            noise = torch.cat([torch.randn((1, 1, height, width), generator=g, dtype=torch.float32) for g in generator])
+        else:
+            noise = torch.randn((batch, 1, height, width), generator=generator, dtype=torch.float32)
         latents = pack(noise).to(device=device, dtype=dtype)
 
         self.scheduler.set_timesteps(num_inference_steps, device=device)
