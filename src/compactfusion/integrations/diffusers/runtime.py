@@ -101,7 +101,7 @@ class _Call:
     def local_sums(self) -> set:
         """Token counts a routed call may hold: sums of distinct split lengths (e.g. text shard + image shard)."""
         sums = {0}
-        for n in {local for local, _ in self.splits}:
+        for n, _ in set(self.splits):  # one entry per distinct (local, total) token set
             sums |= {s + n for s in sums}
         return sums
 
@@ -265,8 +265,11 @@ class TransformerRuntime:
                                  f"{tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__}, the plan "
                                  f"gathers a {spec.ndim}-D tensor along dim {spec.dim}")
             dim = spec.dim % x.ndim
-            totals = {t for n, t in call.splits if n == x.shape[dim]}
-            total = totals.pop() if len(totals) == 1 else None  # known from the split rule: no size exchange
+            # One split token set: every rank derives the sizes from the split rule. Several (text and image):
+            # which one reached the gather is not known, so exchange sizes — a choice every rank makes alike,
+            # since the totals are global (a choice by this rank's own length would not be).
+            totals = {t for _, t in call.splits}
+            total = totals.pop() if len(totals) == 1 else None
             full = self.ctx.gather_seq(x, dim, step=call.stream_step, total=total)
             call.gathered, call.sharded = True, False
             if spec.index is None:
