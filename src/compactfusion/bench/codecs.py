@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import sys
 import time
@@ -271,7 +272,8 @@ def fused_note(device: torch.device) -> str:
     return "none available (PyTorch reference only)"
 
 
-def report(rows: list[dict], warm_rows: list[dict], env: dict, quick: bool, device=torch.device("cpu")) -> str:
+def report(rows: list[dict], warm_rows: list[dict], env: dict, quick: bool, device=torch.device("cpu"),
+           load: tuple[float, float] | None = None) -> str:
     lines = ["# Codec benchmark" + (" (quick)" if quick else ""), ""]
     lines.append(
         "fp32 input; rel. error = ||D(E(r)) - r|| / ||r|| for a step residual r = x_t - x_{t-1} of a "
@@ -281,6 +283,9 @@ def report(rows: list[dict], warm_rows: list[dict], env: dict, quick: bool, devi
         f"fused = {fused_note(device)}, checked to put the same bytes on the wire and to reconstruct the "
         "same bits before it is timed. The codecs use the fused path by default (`impl=\"auto\"`)."
     )
+    if load:
+        lines.append(f"Machine load (1-min load average) at the start and end of the run: {load[0]:.1f} / {load[1]:.1f} "
+                     f"on {os.cpu_count()} cores; times grow with it, ratios to clone much less.")
     lines += ["", markdown_table(_display(rows), MAIN_COLUMNS)]
     goals = targets(rows)
     if goals:
@@ -289,6 +294,13 @@ def report(rows: list[dict], warm_rows: list[dict], env: dict, quick: bool, devi
     lines.append(markdown_table(_display(warm_rows), WARM_COLUMNS))
     lines += ["## Environment", "", environment_markdown(env)]
     return "\n".join(lines)
+
+
+def _loadavg() -> float | None:
+    try:
+        return os.getloadavg()[0]
+    except (AttributeError, OSError):  # not on every platform
+        return None
 
 
 def parse_shapes(text: str) -> tuple[tuple[int, int], ...]:
@@ -320,6 +332,7 @@ def run(argv=None) -> list[dict]:
     device = torch.device(a.device)
     shapes = parse_shapes(a.shapes) if a.shapes else (QUICK_SHAPES if a.quick else SHAPES)
     env = environment_record()
+    load0 = _loadavg()
     rows: list[dict] = []
     with torch.no_grad():
         for n, c in shapes:
@@ -332,7 +345,8 @@ def run(argv=None) -> list[dict]:
             del data, r
         warm_shape = ([s for s in shapes if s[0] * s[1] > 64 * 128] or shapes)[-1]  # 1088x3072 by default
         warm_rows = warm_vs_cold(*warm_shape, steps=steps, seed=a.seed + 1, device=device)
-    md = report(rows, warm_rows, env, a.quick, device)
+    load1 = _loadavg()
+    md = report(rows, warm_rows, env, a.quick, device, None if load0 is None or load1 is None else (load0, load1))
     print(md)
     all_rows = rows + warm_rows
     if a.json:
