@@ -179,5 +179,9 @@ def worker(args: dict, errdir: str | None, body=None) -> int:
         if not errdir:
             print(f"compactfusion: error: rank {rank} stopped: {msg}", file=sys.stderr)
         time.sleep(PEER_FAILURE_GRACE_S)
-        sys.exit(PEER_FAILURE_EXIT)
+        if not errdir:
+            sys.exit(PEER_FAILURE_EXIT)
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(PEER_FAILURE_EXIT)  # no interpreter teardown: seconds on a loaded machine, and it may touch the group
 

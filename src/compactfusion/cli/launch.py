@@ -41,6 +41,11 @@ BACKEND = "compactfusion"
 SIGNAL_EXIT = {signal.SIGINT: 130, signal.SIGTERM: 143, signal.SIGHUP: 129, signal.SIGQUIT: 131}
 
 
+def _say(message: str) -> None:
+    """One line on stderr, at most 300 characters."""
+    print(message if len(message) <= 300 else message[:297] + "...", file=sys.stderr)
+
+
 # ---------------------------------------------------------------------------------------------- bound stores
 def bound_store(host: str, port: int, timeout_s: float):
     """A TCPStore server listening on ``host`` only (torch's own binds every interface). Raises OSError if
@@ -111,7 +116,12 @@ def _create_handler(params):
             store = None
     if store is None:
         import torch.distributed as dist
-        store = dist.TCPStore(host, port, is_master=False, multi_tenant=True, timeout=timedelta(seconds=timeout_s))
+        from torch.distributed.elastic.rendezvous.api import RendezvousConnectionError
+        try:
+            store = dist.TCPStore(host, port, is_master=False, multi_tenant=True, timeout=timedelta(seconds=timeout_s))
+        except (RuntimeError, TimeoutError, OSError) as e:  # DistStoreError/DistNetworkError are RuntimeErrors
+            raise RendezvousConnectionError(f"cannot reach the rendezvous store at {host}:{port}: "
+                                            f"{str(e).splitlines()[0][:100] if str(e) else type(e).__name__}") from None
 
     class Handler(DynamicRendezvousHandler):
         def _create_tcp_store_server(self, master_addr, master_port):  # the store the workers bootstrap from
@@ -200,13 +210,13 @@ def launch(a, nproc: int, fn=None) -> int:
         return _report_failure(e, errdir, stopped, a.timeout if hasattr(a, "timeout") else None)
     except SignalException as e:
         sig = signal.Signals(e.sigval)
-        print(f"compactfusion: interrupted by {sig.name}; stopped the workers", file=sys.stderr)
+        _say(f"compactfusion: interrupted by {sig.name}; stopped the workers")
         return SIGNAL_EXIT.get(sig, 128 + int(sig))
     except RendezvousError as e:
         first = str(e).splitlines()[0][:120] if str(e) else type(e).__name__
-        print(f"compactfusion: error: rendezvous at {endpoint} did not complete within {rdzv_timeout:g} s "
-              f"({type(e).__name__}: {first}); start the same command on all {a.nnodes} nodes, check "
-              f"--rdzv-endpoint, or raise --rdzv-timeout", file=sys.stderr)
+        _say(f"compactfusion: error: rendezvous at {endpoint} did not complete within {rdzv_timeout:g} s "
+             f"({type(e).__name__}: {first}); start the same command on all {a.nnodes} nodes, check "
+             f"--rdzv-endpoint, or raise --rdzv-timeout")
         return 1
     finally:
         done.set()
@@ -265,7 +275,7 @@ def _failure_reason(rank: int, failure, errdir: str) -> str:
 def _report_failure(e, errdir: str, stopped: dict, timeout_s) -> int:
     user_errors = sorted(Path(errdir).glob("rank*.txt"))
     if user_errors:
-        print(f"compactfusion: error: {user_errors[0].read_text().strip()}"[:300], file=sys.stderr)
+        _say(f"compactfusion: error: {user_errors[0].read_text().strip()}")
         return 2
     failures = sorted(e.failures.items())
     # The root cause, not a rank that merely stopped because a peer failed (they wait PEER_FAILURE_GRACE_S).
@@ -276,7 +286,7 @@ def _report_failure(e, errdir: str, stopped: dict, timeout_s) -> int:
     reason = _failure_reason(rank, failure, errdir).splitlines()[0][:200]
     if Path(errdir, f"rank{rank:04d}.fail").is_file() and not os.environ.get("COMPACTFUSION_DEBUG"):
         reason += " (COMPACTFUSION_DEBUG=1 prints the traceback)"
-    print(f"compactfusion: error: rank {rank} failed: {reason}; the other ranks were stopped", file=sys.stderr)
+    _say(f"compactfusion: error: rank {rank} failed: {reason}; the other ranks were stopped")
     return 1
 
 
@@ -291,12 +301,11 @@ def _report_stall(failures, errdir: str, stopped: dict, timeout_s) -> int:
     wait = f"{timeout_s:g} s" if timeout_s else "the timeout"
     if suspects:
         names = ", ".join(map(str, suspects))
-        print(f"compactfusion: error: rank{'s' if len(suspects) > 1 else ''} {names} {how}: ranks "
-              f"{', '.join(map(str, waiting))} timed out after {wait} waiting for it; the other ranks were stopped",
-              file=sys.stderr)
+        _say(f"compactfusion: error: rank{'s' if len(suspects) > 1 else ''} {names} {how}: ranks "
+             f"{', '.join(map(str, waiting))} timed out after {wait} waiting for it; the other ranks were stopped")
         return 1
     rank, failure = failures[0]
     reason = _failure_reason(rank, failure, errdir).splitlines()[0][:200]
-    print(f"compactfusion: error: rank {rank} failed: {reason} (it stopped because a peer on another node failed "
-          f"or stalled); the other ranks were stopped", file=sys.stderr)
+    _say(f"compactfusion: error: rank {rank} failed: {reason} (it stopped because a peer on another node failed "
+         f"or stalled); the other ranks were stopped")
     return 1

@@ -80,6 +80,7 @@ def run_worker(a) -> int:
         # machine ranks reach the first collective seconds apart. --timeout bounds every op after the barrier.
         startup = max(a.timeout, float(getattr(a, "rdzv_timeout", 60.0)))
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=timedelta(seconds=startup))
+    failed = False
     try:
         pipe = load_pipeline(a.model, dtype, device)
         if world > 1:
@@ -136,8 +137,11 @@ def run_worker(a) -> int:
         if not a.quiet:
             print(summary_table(report))
         return 0
+    except BaseException:
+        failed = True  # no destroy_process_group: after a peer failure it can block on the dead peer
+        raise
     finally:
-        if world > 1 and dist.is_initialized():
+        if not failed and world > 1 and dist.is_initialized():
             dist.destroy_process_group()
 
 
