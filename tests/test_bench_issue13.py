@@ -47,3 +47,18 @@ def test_quality_methods_quick_has_best_one_bit_and_warmup_methods():
         if m["codec"] != "none":
             comp = parallel_config(m).compression
             assert comp.warmup_codec == m.get("warmup_codec")
+
+
+def test_quality_one_bit_section_and_sign_stats():
+    import torch
+
+    from compactfusion.bench.quality import BEST_ONE_BIT, one_bit_section, sign_stats
+    rows = [dict(method="ring+binary", psnr=43.0, bits_per_element=1.13, bytes_per_image=4e6, family="compact"),
+            dict(method=BEST_ONE_BIT, psnr=52.5, bits_per_element=1.09, bytes_per_image=3.9e6, family="compact"),
+            dict(method="ring+int2", psnr=53.0, bits_per_element=2.13, bytes_per_image=5e6, family="compact")]
+    g = torch.Generator().manual_seed(0)
+    seqs = {0: [torch.randn(16, 8, generator=g) for _ in range(4)]}
+    signs = sign_stats(seqs)
+    assert 0.3 < signs["p_positive"] < 0.7 and 0.0 < signs["entropy_bits"] <= 1.0
+    text = "\n".join(one_bit_section(rows, signs))
+    assert f"**{BEST_ONE_BIT}**, 52.50 dB at 1.090 bits" in text and "+9.50" in text
