@@ -15,7 +15,7 @@ pytestmark = pytest.mark.dist
 # Token grids with odd counts (15 image tokens, 7 text tokens): no family divides evenly over 2 or 4 ranks.
 IMAGE, VIDEO = {"grid": (3, 5)}, {"grid": (3, 1, 5)}
 FAMILIES = {"flux": IMAGE, "sd3": {"grid": (3, 5)}, "pixart": {"grid": (3, 5)}, "flux2": IMAGE, "qwenimage": IMAGE,
-            "wan": VIDEO, "ltx": VIDEO, "cogvideox": VIDEO, "hunyuanvideo": VIDEO}
+            "wan": VIDEO, "ltx": VIDEO, "cogvideox": VIDEO, "hunyuanvideo": VIDEO, "hunyuanvideo15": VIDEO}
 
 
 def _two_steps(make, extra):

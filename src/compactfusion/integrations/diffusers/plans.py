@@ -69,7 +69,7 @@ class FamilyPlan:
     cross_attention: tuple = ()  # fnmatch patterns of module paths that attend to unsplit context
     batch_args: tuple = ()       # inputs whose dim 0 is the (CFG-doubled) batch; () = every tensor input
     joint: Union[str, None] = None  # "front"/"rear": replicated (unsplit) tokens joined to self-attention calls
-    joint_tokens: str = "encoder_hidden_states"  # the input whose dim 1 counts those tokens
+    joint_tokens: tuple = ("encoder_hidden_states",)  # the inputs whose dim-1 sizes add up to those tokens
     notes: str = ""
     families: tuple = field(default=())  # class names this plan is for
 
@@ -161,6 +161,12 @@ _PLANS = [
                families=("HunyuanVideoTransformer3DModel",),
                notes="the token refiner needs the whole (padded) text, so text stays replicated at the rear of "
                      "every attention call; its padding mask is applied locally"),
+    FamilyPlan("hunyuanvideo15", {"x_embedder": {0: Split(1, 3)}, "rope": {0: Split(0, 2), 1: Split(0, 2)},
+                                  "proj_out": Gather(1, 3)},
+               joint="rear", joint_tokens=("encoder_hidden_states", "encoder_hidden_states_2", "image_embeds"),
+               cross_attention=("context_embedder.*",), families=("HunyuanVideo15Transformer3DModel",),
+               notes="condition tokens (text, glyph text, image) replicated at the rear; square padding mask applied "
+                     "locally"),
     # SD3/SD3.5 and PixArt patch-embed an image: split the embedding's output, not the latent.
     FamilyPlan("sd3", {"pos_embed": {0: Split(1, 3)}, "context_embedder": {0: Split(1, 3)},
                        "proj_out": Gather(1, 3)}, families=("SD3Transformer2DModel",),

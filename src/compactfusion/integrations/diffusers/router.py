@@ -82,8 +82,9 @@ class AttentionRouter(TorchFunctionMode):
                 f"module (extra key tokens such as an IP-Adapter's are not sharded); declare the module as "
                 f"cross-attention in the plan or remove the adapter")
         n_joint, position = self.runtime.joint_layout(query.shape[-2], where)
+        keep_q = None
         if attn_mask is not None:
-            attn_mask = _joint_keys(attn_mask, query.shape[-2], n_joint, position, where)
+            attn_mask, keep_q = _joint_keys(attn_mask, query.shape[-2], n_joint, position, where)
         if is_causal or enable_gqa or query.shape[1] != key.shape[1]:
             raise UnsupportedAttentionError(f"{where}: causal and grouped-query attention are not supported by the "
                                             f"sequence-parallel strategies")
@@ -104,6 +105,8 @@ class AttentionRouter(TorchFunctionMode):
         if attn_mask is not None:  # masked (padding) text keys are replicated: leaving them out is exact
             jk, jv = jk[:, attn_mask], jv[:, attn_mask]
         out_img, out_joint = self.runtime.route(q[:, isl], k[:, isl], v[:, isl], self.layer, joint=(q[:, jsl], jk, jv))
+        if keep_q is not None:  # fully masked query rows: SDPA's result for them is zero
+            out_joint = out_joint * keep_q[None, :, None, None].to(out_joint.dtype)
         parts = (out_joint, out_img) if position == "front" else (out_img, out_joint)
         return torch.cat(parts, dim=1).transpose(1, 2)
 
@@ -113,24 +116,38 @@ def _is_keep_all(mask: torch.Tensor) -> bool:
 
 
 def _joint_keys(mask: torch.Tensor, sq: int, n_joint: int, position: str, where: str):
-    """None for a mask that masks nothing; the kept joint (text) keys for a key-padding mask on those only.
+    """``(kept joint keys, kept joint queries)`` for a padding mask on the replicated joint tokens only.
 
-    Sharded keys travel between ranks, so a mask on them is refused; a padding mask on the replicated
-    joint tokens (HunyuanVideo's text) is applied by dropping those keys, identically on every rank.
+    ``(None, None)`` for a mask that masks nothing. Sharded keys travel between ranks, so a mask on them is
+    refused; a padding mask on the replicated joint tokens (HunyuanVideo's text) is applied by dropping
+    those keys, identically on every rank. A square mask ``(B, 1, S, S)`` that also masks the padded
+    tokens as queries (HunyuanVideo 1.5) must be the outer product of one validity vector; those query
+    rows then come out zero, as SDPA gives them.
     """
     if _is_keep_all(mask):
-        return None
+        return None, None
     refuse = UnsupportedAttentionError(
         f"{where}: an attention mask that masks sharded tokens (e.g. padded text in a batch of prompts of different "
         f"lengths) is not supported by the sequence-parallel strategies; pass one prompt per call, or prompts "
         f"without padding")
-    if not n_joint or mask.shape[-1] != sq or mask.ndim != 4 or mask.shape[1] != 1 or mask.shape[2] != 1:
+    if not n_joint or mask.shape[-1] != sq or mask.ndim != 4 or mask.shape[1] != 1 or mask.shape[2] not in (1, sq):
         raise refuse
-    keep = mask[:, 0, 0] if mask.dtype == torch.bool else mask[:, 0, 0] == 0
     if mask.dtype != torch.bool and not bool(((mask == 0) | (mask <= -1e4)).all()):
         raise refuse
+    valid = mask[:, 0] if mask.dtype == torch.bool else mask[:, 0] == 0  # (B, 1 or S, S)
+    keep = valid.any(dim=1)
+    keep_q = None
+    if valid.shape[1] == sq:
+        keep_q = valid.any(dim=2)
+        if not bool((valid == (keep_q[:, :, None] & keep[:, None, :])).all()):
+            raise refuse  # not a padding mask
+        jsl_ = slice(0, n_joint) if position == "front" else slice(sq - n_joint, sq)
+        isl_ = slice(n_joint, sq) if position == "front" else slice(0, sq - n_joint)
+        if not bool(keep_q[:, isl_].all()) or not bool((keep_q[:, jsl_] == keep_q[:1, jsl_]).all()):
+            raise refuse
+        keep_q = keep_q[0, jsl_]
     jsl = slice(0, n_joint) if position == "front" else slice(sq - n_joint, sq)
     isl = slice(n_joint, sq) if position == "front" else slice(0, sq - n_joint)
     if not bool(keep[:, isl].all()) or not bool((keep[:, jsl] == keep[:1, jsl]).all()):
         raise refuse  # masked sharded keys, or a different padding per batch entry
-    return keep[0, jsl]
+    return keep[0, jsl], keep_q

@@ -390,8 +390,8 @@ class TransformerRuntime:
             ns = (runtime.index, branch)
             call = _Call(ns=None if ns == (0, 0) else ns, stream_step=count)
             if runtime.plan.joint:
-                jt = arguments.get(runtime.plan.joint_tokens)
-                call.joint_tokens = int(jt.shape[1]) if isinstance(jt, torch.Tensor) and jt.ndim >= 2 else 0
+                call.joint_tokens = sum(int(x.shape[1]) for x in (arguments.get(n) for n in runtime.plan.joint_tokens)
+                                        if isinstance(x, torch.Tensor) and x.ndim >= 2)
             ctx = runtime.ctx
             if ctx.cfg_world > 1:
                 runtime._split_cfg(arguments)
