@@ -79,7 +79,12 @@ def run_worker(a) -> int:
         # Start-up (imports, model loading) is bounded by the rendezvous timeout, not by --timeout: on a loaded
         # machine ranks reach the first collective seconds apart. --timeout bounds every op after the barrier.
         startup = max(a.timeout, float(getattr(a, "rdzv_timeout", 60.0)))
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=timedelta(seconds=startup))
+        if device.type == "cuda":  # gloo for CPU control data, NCCL for device payloads (see comm/device.py)
+            from ..comm.device import cuda_init_kwargs, nccl_environment
+            nccl_environment()  # a failed NCCL op aborts the communicator and raises; it does not kill the rank
+            dist.init_process_group(**cuda_init_kwargs(device.index or 0, startup))
+        else:
+            dist.init_process_group("gloo", timeout=timedelta(seconds=startup))
     failed = False
     try:
         pipe = load_pipeline(a.model, dtype, device)
