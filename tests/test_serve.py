@@ -191,8 +191,10 @@ def test_worker_death_fails_inflight_and_exits_nonzero():
     try:
         ranks = httpx.get(s.url + "/health").json()["ranks"]
         with ThreadPoolExecutor(1) as pool:
-            pending = pool.submit(s.post, {"prompt": "9", "num_inference_steps": 200})
+            pending = pool.submit(s.post, {"prompt": "9", "num_inference_steps": 100})
+            deadline = time.monotonic() + 30
             while httpx.get(s.url + "/health").json()["in_flight"] == 0:
+                assert time.monotonic() < deadline and not pending.done(), pending.result().text
                 time.sleep(0.05)
             killed = time.monotonic()
             os.kill(ranks[1]["pid"], signal.SIGKILL)
@@ -207,3 +209,27 @@ def test_worker_death_fails_inflight_and_exits_nonzero():
             assert not Path(f"/proc/{r['pid']}").exists() or "zombie" in Path(f"/proc/{r['pid']}/status").read_text()
     finally:
         s.stop()
+
+
+def _job(i, steps=4, n=1):
+    from compactfusion.serve.schemas import Job
+    return Job(id=str(i), prompt="1", n=n, width=32, height=32, steps=steps, seed=i, guidance_scale=None,
+               negative_prompt=None, codec="none")
+
+
+def test_scheduler_fifo_batching_queue_full_and_close():
+    from compactfusion.serve.scheduler import NotAccepting, QueueFull, Scheduler
+    s = Scheduler(max_queue=4, max_batch_images=3)
+    for i, (steps, n) in enumerate([(4, 1), (5, 1), (4, 2), (4, 1)]):
+        s.submit(_job(i, steps, n))
+    with pytest.raises(QueueFull) as e:
+        s.submit(_job(9))
+    assert e.value.retry_after_s >= 1
+    assert [x.job.id for x in s.next_batch(0.1)] == ["0", "2"]  # oldest first; compatible ones up to 3 images
+    s.finished(0.5)
+    assert [x.job.id for x in s.next_batch(0.1)] == ["1"]  # different steps: its own call
+    assert s.next_batch(0.1)[0].job.id == "3" and s.next_batch(0.05) == []
+    s.submit(_job(5))
+    assert [x.job.id for x in s.close("shutting down")] == ["5"]
+    with pytest.raises(NotAccepting):
+        s.submit(_job(6))

@@ -73,8 +73,16 @@ class Scheduler:
                 self._cv.wait(left)
             if not self._q:
                 return []
-            if self.max_batch_images > 1 and self.batch_wait_s > 0 and len(self._q) == 1:
-                self._cv.wait(self.batch_wait_s)  # give concurrent clients a moment to join the batch
+            if self.max_batch_images > 1 and self.batch_wait_s > 0:
+                # give concurrent clients a moment to join the batch (until it is full or the wait is over)
+                until = time.monotonic() + self.batch_wait_s
+                while not self._closed and self._compatible_images() < self.max_batch_images:
+                    left = until - time.monotonic()
+                    if left <= 0:
+                        break
+                    self._cv.wait(left)
+                if not self._q:  # closed meanwhile: the queue was handed back to the caller of close()
+                    return []
             head = self._q.popleft()
             batch, images = [head], head.job.n
             for e in list(self._q):
@@ -89,6 +97,10 @@ class Scheduler:
                 e.started = now
             self.in_flight = len(batch)
             return batch
+
+    def _compatible_images(self) -> int:
+        key = self._q[0].job.batch_key()
+        return sum(e.job.n for e in self._q if e.job.batch_key() == key)
 
     def finished(self, seconds: float) -> None:
         with self._cv:
