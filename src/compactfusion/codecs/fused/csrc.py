@@ -195,6 +195,8 @@ void cf_int2_fields(const void *x, int dt, int64_t rows, int64_t c, int64_t ldx,
     float *inv_b = (float *)malloc((size_t)(c + 8) * sizeof(float));
     if (!inv_b) return;
     for (int64_t j = 0; j < c; ++j) inv_b[j] = 1.0f / cf_h2f(rd16(b16 + 2 * j));
+    uint16_t spread[256];  /* byte -> its bits at even positions: two lookups interleave 8 fields */
+    for (uint32_t m = 0; m < 256; ++m) spread[m] = spread8(m);
     const size_t es = dt == DT_F32 ? 4 : 2;
     #pragma omp parallel for schedule(static) if (rows * c >= CF_PAR_MIN)
     for (int64_t r = 0; r < rows; ++r) {
@@ -212,7 +214,7 @@ void cf_int2_fields(const void *x, int dt, int64_t rows, int64_t c, int64_t ldx,
             __m256 t = _mm256_mul_ps(_mm256_and_ps(v, absmask), _mm256_loadu_ps(inv_b + j));
             uint32_t s = (uint32_t)_mm256_movemask_ps(_mm256_cmp_ps(v, zero, _CMP_GE_OQ));
             uint32_t m = (uint32_t)_mm256_movemask_ps(_mm256_cmp_ps(t, av, _CMP_GT_OQ));
-            wr16(o + (j >> 2), (uint16_t)(spread8(m) | (spread8(s) << 1)));
+            wr16(o + (j >> 2), (uint16_t)(spread[m] | (spread[s] << 1)));
         }
 #endif
         for (; j < c; j += 4) {
