@@ -142,6 +142,7 @@ def measure(spec: str, x: torch.Tensor, reps: int) -> dict:
             del y
     clone = statistics.median(clone_t)
     encdec = {k: statistics.median(e + d for e, d in zip(enc_t[k], dec_t[k])) for k in impls}
+    best = {k: min(e + d for e, d in zip(enc_t[k], dec_t[k])) for k in impls}  # the least-disturbed repetition
     nbytes = payload.numel()
     if nbytes != codec.encoded_nbytes(n, c):
         raise RuntimeError(f"{spec}: payload has {nbytes} bytes, encoded_nbytes says {codec.encoded_nbytes(n, c)}")
@@ -166,6 +167,8 @@ def measure(spec: str, x: torch.Tensor, reps: int) -> dict:
             "fused_encode_s": statistics.median(enc_t["fused"]),
             "fused_decode_s": statistics.median(dec_t["fused"]),
             "fused_encode_decode_s": encdec["fused"],
+            "fused_encode_decode_best_s": best["fused"],
+            "clone_best_s": min(clone_t),
             "fused_over_clone": encdec["fused"] / clone if clone > 0 else float("nan"),
             "fused_speedup": encdec["reference"] / encdec["fused"] if encdec["fused"] > 0 else float("nan"),
         })
@@ -178,16 +181,20 @@ def targets(rows: list[dict]) -> list[dict]:
     for r in rows:
         if r.get("fused_encode_decode_s") is None:
             continue
+        best = r.get("fused_encode_decode_best_s", r["fused_encode_decode_s"])
         if (r["n"], r["c"]) == (64, 128):
             goal, value = f"<= {SMALL_TARGET_S * 1e6:.0f} us", f"{r['fused_encode_decode_s'] * 1e6:.0f} us"
+            best_value = f"{best * 1e6:.0f} us"
             ok = r["fused_encode_decode_s"] <= SMALL_TARGET_S
         elif r["n"] * r["c"] >= 1088 * 3072:
             goal, value = f"<= {CLONE_TARGET:g}x clone", f"{r['fused_over_clone']:.2f}x clone"
+            clone_best = r.get("clone_best_s", r["clone_s"])
+            best_value = f"{best / clone_best:.2f}x clone" if clone_best > 0 else "-"
             ok = r["fused_over_clone"] <= CLONE_TARGET
         else:  # the goals are set for a 64x128 stream and the FLUX shapes only
             continue
         out.append({"codec": r["codec"], "shape": f"{r['n']} x {r['c']}", "goal": goal, "measured": value,
-                    "met": "yes" if ok else "**no**"})
+                    "best": best_value, "met": "yes" if ok else "**no**"})
     return out
 
 
@@ -240,8 +247,8 @@ MAIN_COLUMNS = (
     ("encdec_over_clone", "reference / clone"), ("fused_encode_decode_ms", "fused enc+dec ms"),
     ("fused_over_clone", "fused / clone"), ("fused_speedup", "fused speed-up"),
 )
-TARGET_COLUMNS = (("codec", "codec"), ("shape", "N x C"), ("goal", "goal (fused enc+dec)"), ("measured", "measured"),
-                  ("met", "met"))
+TARGET_COLUMNS = (("codec", "codec"), ("shape", "N x C"), ("goal", "goal (fused enc+dec)"), ("measured", "median"),
+                  ("met", "met (median)"), ("best", "best repetition (fused best / clone best)"))
 WARM_COLUMNS = (
     ("codec", "variant"), ("shape", "N x C"), ("bytes", "bytes"),
     ("rel_error", "mean rel. error, steps 2..T"), ("encode_ms", "encode ms"),
@@ -289,7 +296,10 @@ def report(rows: list[dict], warm_rows: list[dict], env: dict, quick: bool, devi
     lines += ["", markdown_table(_display(rows), MAIN_COLUMNS)]
     goals = targets(rows)
     if goals:
-        lines += ["## Targets for the fused codecs", "", markdown_table(goals, TARGET_COLUMNS)]
+        lines += ["## Targets for the fused codecs", "",
+                  "Goals from issue 11. `met` is judged on the medians above; the best repetition shows the cost "
+                  "with the least interference from other processes on a shared machine.", "",
+                  markdown_table(goals, TARGET_COLUMNS)]
     lines += ["## Low-rank warm vs cold start", ""]
     lines.append(markdown_table(_display(warm_rows), WARM_COLUMNS))
     lines += ["## Environment", "", environment_markdown(env)]
