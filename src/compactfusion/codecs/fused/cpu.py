@@ -38,8 +38,8 @@ _SIGNATURES = {
     "cf_div_sums": (None, [_VP, _I64, _VP, _I64]),
     "cf_sign_stats": (_I32, [_VP, _I64, _VP, _I64, _F32, _VP]),
     "cf_sign_factors": (None, [_VP, _I64, _VP, _I64, _F32, _VP, _F32, _VP, _VP]),
-    "cf_int2_fields": (None, [_VP, _I32, _I64, _I64, _I64, _VP, _VP, _VP, _VP, _I64]),
-    "cf_sign_decode": (None, [_VP, _I64, _I64, _I32, _VP, _VP, _I32, _VP]),
+    "cf_int2_fields": (_I32, [_VP, _I32, _I64, _I64, _I64, _VP, _VP, _VP, _VP, _I64]),
+    "cf_sign_decode": (_I32, [_VP, _I64, _I64, _I32, _VP, _VP, _I32, _VP]),
     "cf_simd": (_I32, []),
 }
 
@@ -155,7 +155,8 @@ def encode(lib, codec, x: torch.Tensor, bits: int, blocks: list[slice], sub: tor
     a_ptr = base + n * p
     lib.cf_sign_factors(tok.data_ptr(), n, chan.data_ptr(), c, mean, work.data_ptr(), sqrt_q, a_ptr, a_ptr + 2 * n)
     if bits == 2:
-        lib.cf_int2_fields(x.data_ptr(), dt, n, c, ld, sp, a_ptr, a_ptr + 2 * n, base, p)
+        if lib.cf_int2_fields(x.data_ptr(), dt, n, c, ld, sp, a_ptr, a_ptr + 2 * n, base, p):
+            raise MemoryError(f"int2 encode: no memory for {c} channel factors")
     return payload
 
 
@@ -176,6 +177,7 @@ def decode(lib, payload: torch.Tensor, n: int, c: int, bits: int, levels: tuple[
     out = torch.empty(n, c, dtype=dtype if dtype in _DTYPES else torch.float32)
     if not payload.is_contiguous():
         payload = payload.contiguous()
-    lib.cf_sign_decode(payload.data_ptr(), n, c, bits, _levels(tuple(levels)), out.data_ptr(), odt,
-                       None if add_to is None else add_to.data_ptr())
+    if lib.cf_sign_decode(payload.data_ptr(), n, c, bits, _levels(tuple(levels)), out.data_ptr(), odt,
+                          None if add_to is None else add_to.data_ptr()):
+        raise MemoryError(f"sign decode: no memory for {c} channel factors")
     return out if dtype in _DTYPES else out.to(dtype)

@@ -190,10 +190,10 @@ void cf_sign_factors(const float *tok, int64_t n, const float *chan, int64_t c, 
 
 /* int2 fields (sign << 1) | [|x| * (1/b[c]) > a[n]], 4 per byte LSB-first, pad fields 0.
    a16/b16 are the wire factors (unaligned fp16). */
-void cf_int2_fields(const void *x, int dt, int64_t rows, int64_t c, int64_t ldx, const float *sub,
+int cf_int2_fields(const void *x, int dt, int64_t rows, int64_t c, int64_t ldx, const float *sub,
                     const uint8_t *a16, const uint8_t *b16, uint8_t *out, int64_t p) {
     float *inv_b = (float *)malloc((size_t)(c + 8) * sizeof(float));
-    if (!inv_b) return;
+    if (!inv_b) return -1;
     for (int64_t j = 0; j < c; ++j) inv_b[j] = 1.0f / cf_h2f(rd16(b16 + 2 * j));
     uint16_t spread[256];  /* byte -> its bits at even positions: two lookups interleave 8 fields */
     for (uint32_t m = 0; m < 256; ++m) spread[m] = spread8(m);
@@ -230,18 +230,19 @@ void cf_int2_fields(const void *x, int dt, int64_t rows, int64_t c, int64_t ldx,
         }
     }
     free(inv_b);
+    return 0;
 }
 
 /* Decode x_hat[n, c] = (level(field) * b[c]) * a[n] into out (dtype odt). bits = 1 (binary:
    level -1/+1) or 2 (int2: levels lv[field]). a16/b16 follow the fields in the payload.
    acc (fp32 out only, may be NULL): out = acc + x_hat, one more separately rounded op (the
    residual update base + decoded without a second pass; -ffp-contract=off keeps it FMA-free). */
-void cf_sign_decode(const uint8_t *payload, int64_t n, int64_t c, int bits, const float *lv, void *out,
+int cf_sign_decode(const uint8_t *payload, int64_t n, int64_t c, int bits, const float *lv, void *out,
                     int odt, const float *acc) {
     const int64_t p = bits == 1 ? (c + 7) / 8 : (c + 3) / 4;
     const uint8_t *a16 = payload + n * p, *b16 = a16 + 2 * n;
     float *b = (float *)malloc((size_t)(c + 8) * sizeof(float));
-    if (!b) return;
+    if (!b) return -1;
     for (int64_t j = 0; j < c; ++j) b[j] = cf_h2f(rd16(b16 + 2 * j));
     #pragma omp parallel for schedule(static) if (n * c >= CF_PAR_MIN)
     for (int64_t r = 0; r < n; ++r) {
@@ -286,6 +287,7 @@ void cf_sign_decode(const uint8_t *payload, int64_t n, int64_t c, int bits, cons
         }
     }
     free(b);
+    return 0;
 }
 
 int cf_simd(void) {
