@@ -106,26 +106,33 @@ def _sync(device: torch.device) -> None:
 def measure_coding_times(specs: Iterable[str], shape: tuple, dtype: torch.dtype, device: torch.device | str = "cpu",
                          reps: int = 3, seed: int = 0) -> dict[str, tuple[float, float]]:
     """Median ``(encode_s, decode_s)`` per codec at ``shape``/``dtype``/``device``, as the residual path
-    runs them: encode of ``x - base``, and decode followed by ``base + decoded``."""
+    runs them: ``encode_residual(x, base)`` and ``decode_add(payload, base)`` (fused on CPU where the
+    codec has kernels), with an fp32 base like the residual state's."""
     n, c = _check_shape(shape)
     device = torch.device(device)
     g = torch.Generator(device="cpu").manual_seed(seed)
-    base = torch.randn(n, c, generator=g).to(device=device, dtype=dtype)
-    x = (base.float() + 0.1 * torch.randn(n, c, generator=g).to(device)).to(dtype)
+    base = torch.randn(n, c, generator=g).to(device=device)  # fp32, as the residual state is
+    x = (base + 0.1 * torch.randn(n, c, generator=g).to(device)).to(dtype)
     out: dict[str, tuple[float, float]] = {}
     for spec in dict.fromkeys(specs):
         if spec == UNCOMPRESSED:
             out[spec] = (0.0, 0.0)
             continue
         codec = get_codec(spec)
+        # the residual path's own calls where the codec has them (fused subtract / add), else the plain ones
+        if hasattr(codec, "encode_residual") and hasattr(codec, "decode_add"):
+            encode, decode_add = codec.encode_residual, (lambda p, b, cd=codec: cd.decode_add(p, (n, c), b))
+        else:
+            encode = (lambda xx, b, cd=codec: cd.encode(xx.float() - b))
+            decode_add = (lambda p, b, cd=codec: b + cd.decode(p, (n, c), torch.float32))
         enc_t, dec_t = [], []
         for i in range(reps + 1):  # the first round warms caches / kernels
             _sync(device)
             t0 = time.perf_counter()
-            payload = codec.encode(x - base)
+            payload = encode(x, base)
             _sync(device)
             t1 = time.perf_counter()
-            _ = base + codec.decode(payload, (n, c), dtype)
+            _ = decode_add(payload, base)
             _sync(device)
             t2 = time.perf_counter()
             if i:
