@@ -84,7 +84,7 @@ def test_triton_interpreter_matches_reference():
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_triton_cuda_matches_reference():
     pytest.importorskip("triton")
-    from compactfusion.codecs import fused
+    from compactfusion.codecs import fused, get_codec
 
     assert fused.backend("auto", torch.device("cuda")) == "triton"
     for spec in SPECS:
@@ -93,8 +93,6 @@ def test_triton_cuda_matches_reference():
             for dtype in DTYPES:
                 # Same device type for sender and receiver: the encode reference is torch on CUDA.
                 x = torch.randn(*shape, generator=g).to(dtype).cuda()
-                from compactfusion.codecs import get_codec
-
                 want = get_codec(spec, impl="reference").encode(x)
                 got = get_codec(spec, impl="triton").encode(x)
                 assert torch.equal(got, want), (spec, shape, dtype)
