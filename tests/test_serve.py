@@ -199,12 +199,14 @@ def test_worker_death_fails_inflight_and_exits_nonzero():
             killed = time.monotonic()
             os.kill(ranks[1]["pid"], signal.SIGKILL)
             r = pending.result()
+            answered = time.monotonic() - killed
+        assert answered < 10 + 8, answered  # within the collective timeout (+ slack for a loaded machine)
         assert r.status_code == 500 and "rank 1" in r.json()["error"]["message"], r.text
         h = httpx.get(s.url + "/health")
         assert h.status_code == 503 and "rank 1" in h.json()["reason"]
         assert s.post({"prompt": "1"}).status_code == 503
         code = s.proc.wait(30)
-        assert code != 0 and time.monotonic() - killed < 10 + 10
+        assert code != 0 and time.monotonic() - killed < 10 + 15
         for r in ranks:  # no orphan rank
             assert not Path(f"/proc/{r['pid']}").exists() or "zombie" in Path(f"/proc/{r['pid']}/status").read_text()
     finally:

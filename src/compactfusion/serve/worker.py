@@ -288,7 +288,8 @@ def run_rank(a: argparse.Namespace) -> int:
                 state.set("failed", "the server stopped")
             http[0].should_exit = True
             http[1].join(timeout=max(5.0, a.timeout))
-        _teardown(world)
+        if http is None or state.status != "failed":  # a broken group is not torn down (that can wait on the dead)
+            _teardown(world)
 
 
 def _teardown(world: int) -> None:
