@@ -223,3 +223,24 @@ def test_encode_residual_is_encode_of_difference(spec, impl):
     with pytest.raises(ValueError, match="Inf"):
         codec.encode_residual(torch.full((2, 3), 3e38), torch.full((2, 3), -3e38))
     assert get_codec("int8").encode_residual(torch.ones(2, 3), torch.ones(2, 3)).numel() == 2 * 3 + 4 * 3
+
+
+def test_build_without_openmp_still_works(tmp_path, monkeypatch):
+    if cpu._compiler() is None:
+        pytest.skip("no C compiler")
+    real_build = cpu._build
+
+    def no_openmp(cc, flags, out):
+        if "-fopenmp" in flags:
+            raise cpu.subprocess.CalledProcessError(1, [cc, "-fopenmp"])
+        real_build(cc, flags, out)
+
+    monkeypatch.setenv(cpu.CACHE_ENV, str(tmp_path))
+    monkeypatch.setattr(cpu, "_build", no_openmp)
+    cpu.load.cache_clear()
+    try:
+        lib = cpu.load()
+        assert lib is not None
+        check_same(lib, "int2", torch.randn(300, 301), out_dtypes=(torch.float32,))
+    finally:
+        cpu.load.cache_clear()

@@ -95,27 +95,29 @@ def load(portable: bool = False):
     cc = _compiler()
     if cc is None:
         return None
-    flags = _flags(portable)
     try:
         version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=30).stdout
     except (OSError, subprocess.SubprocessError):
         return None
-    key = hashlib.sha256("\0".join([SOURCE, cc, version, *flags, platform.machine()]).encode()).hexdigest()[:16]
-    path = _cache_dir() / f"cf_sign_{key}.so"
-    try:
-        if not path.exists():
-            _build(cc, flags, path)
-        lib = ctypes.CDLL(str(path))
-    except (OSError, subprocess.SubprocessError):
+    lib = None
+    full = _flags(portable)
+    # Without OpenMP (e.g. clang lacking libomp) the pragmas are ignored: single-threaded kernels.
+    for flags in (full, [f for f in full if f != "-fopenmp"]):
+        key = hashlib.sha256("\0".join([SOURCE, cc, version, *flags, platform.machine()]).encode()).hexdigest()[:16]
+        path = _cache_dir() / f"cf_sign_{key}.so"
+        try:
+            if not path.exists():
+                _build(cc, flags, path)
+            lib = ctypes.CDLL(str(path))
+            break
+        except (OSError, subprocess.SubprocessError):
+            continue
+    if lib is None:
         return None
     for name, (res, args) in _SIGNATURES.items():
         fn = getattr(lib, name)
         fn.restype, fn.argtypes = res, args
     return lib
-
-
-def supports(x: torch.Tensor) -> bool:
-    return x.device.type == "cpu" and x.dtype in (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
 
 def encode(lib, codec, x: torch.Tensor, bits: int, blocks: list[slice], sub: torch.Tensor | None = None):
