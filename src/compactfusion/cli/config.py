@@ -48,7 +48,7 @@ def add_common_args(p) -> None:
                      help="compare every stream's state across ranks every K steps")
     comp = p.add_argument_group("compression")
     comp.add_argument("--codec", default="none",
-                      help="none, binary, int2, int4, int8, lowrank:R, lowrank-int4:R, lowrank-int4-bpe:BITS, topk:M, fp16, bf16")
+                      help="none, auto, binary, int2, int4, int8, lowrank:R, lowrank-int4:R, lowrank-int4-bpe:BITS, topk:M, fp16, bf16")
     comp.add_argument("--warmup-steps", type=int, default=1)
     comp.add_argument("--residual", type=int, choices=(0, 1, 2), default=1)
     comp.add_argument("--no-error-feedback", action="store_true")
@@ -128,10 +128,14 @@ def build_configs(a, world: int):
         raise UsageError("--residual/--no-error-feedback only make sense with a --codec; add e.g. --codec binary")
     link = LinkModel(bandwidth=a.bandwidth, latency=a.latency, mode=a.link_mode)
     error_feedback = not a.no_error_feedback and a.residual != 0
-    compression = CompressionConfig(codec=a.codec, residual_order=a.residual, error_feedback=error_feedback,
-                                    warmup_steps=a.warmup_steps,
-                                    delta_decay="auto" if getattr(a, "auto_delta_decay", False) else a.delta_decay,
-                                    warmup_codec=getattr(a, "warmup_codec", None))
+    coder = dict(residual_order=a.residual, error_feedback=error_feedback, warmup_steps=a.warmup_steps,
+                 delta_decay="auto" if getattr(a, "auto_delta_decay", False) else a.delta_decay,
+                 warmup_codec=getattr(a, "warmup_codec", None))
+    if a.codec == "auto":  # per-layer choice by measured coding time and link speed
+        from ..parallel.auto import auto_compression
+        compression = auto_compression(**coder)
+    else:
+        compression = CompressionConfig(codec=a.codec, **coder)
     cfg = ParallelConfig(strategy=strategy, compression=compression, link=link, ulysses_degree=a.ulysses_degree,
                          ring_degree=a.ring_degree, cfg_parallel=a.cfg_parallel, timeout_s=a.timeout,
                          check_consistency_every=a.check_consistency)

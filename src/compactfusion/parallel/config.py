@@ -87,7 +87,11 @@ class ParallelConfig:
         if self.strategy not in STRATEGIES:
             raise ValueError(f"unknown strategy {self.strategy!r}; choose one of {', '.join(STRATEGIES)}")
         comp = self.compression
-        if isinstance(comp, str):
+        if comp == "auto":  # per-layer choice by measured coding time and link speed (parallel/auto.py)
+            from .auto import auto_compression
+            comp = auto_compression()
+            object.__setattr__(self, "compression", comp)
+        elif isinstance(comp, str):
             comp = CompressionConfig(codec=comp)
             object.__setattr__(self, "compression", comp)
         if comp is not None and not isinstance(comp, CompressionConfig):

@@ -27,6 +27,7 @@ import torch.distributed as dist
 from ..comm import ByteLedger, Communicator, make_mesh_groups
 from .config import Mesh, ParallelConfig
 from .errors import CommError, ConfigMismatchError, ConsistencyError, ShapeMismatchError
+from .auto import controller_for, ensure_attention
 from .registry import build_strategy
 from .sharding import shard_offsets, shard_sizes
 from .streams import StreamCoder, from_bytes, to_bytes
@@ -132,6 +133,7 @@ class ParallelContext:
         self._select(None)
         # Cheap start-up agreement on the configuration itself (shapes can be added via check_agreement).
         self.check_agreement("")
+        self.auto = controller_for(self)  # codec="auto": per-layer choices made on first use
 
     # -- attention ------------------------------------------------------------------------------
     def attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer: int, step: int,
@@ -156,6 +158,8 @@ class ParallelContext:
             if every and self._current_step is not None and step > 0 and step % every == 0:
                 self.check_consistency(step - 1)
             self._current_step = step
+        if self.auto is not None:
+            ensure_attention(self, self.auto, q, layer)
         out, joint_out = self.strategy.attention(q, k, v, joint, layer, step)
         return out if joint is None else (out, joint_out)
 
@@ -354,6 +358,7 @@ class ParallelContext:
                 "residual_state_nbytes": sum(c.state_nbytes() for c, _ in self._branches.values()),
                 "buffer_nbytes": sum(s.buffer_nbytes() for _, s in self._branches.values()),
                 "branches": len(self._branches),
+                "auto": self.auto.plan.stats() if self.auto is not None else None,
                 "streams": len(self.checksums()),
                 "ledger": self.ledger.summary()}
 
