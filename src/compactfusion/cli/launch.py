@@ -15,6 +15,7 @@
 """
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 import logging
 import os
@@ -118,7 +119,9 @@ def _create_handler(params):
         import torch.distributed as dist
         from torch.distributed.elastic.rendezvous.api import RendezvousConnectionError
         try:
-            store = dist.TCPStore(host, port, is_master=False, multi_tenant=True, timeout=timedelta(seconds=timeout_s))
+            with _quiet_stderr_fd():  # torch's C++ client logs each failed attempt with a stack trace
+                store = dist.TCPStore(host, port, is_master=False, multi_tenant=True,
+                                      timeout=timedelta(seconds=timeout_s))
         except (RuntimeError, TimeoutError, OSError) as e:  # DistStoreError/DistNetworkError are RuntimeErrors
             raise RendezvousConnectionError(f"cannot reach the rendezvous store at {host}:{port}: "
                                             f"{str(e).splitlines()[0][:100] if str(e) else type(e).__name__}") from None
@@ -135,6 +138,23 @@ def _create_handler(params):
                                 RendezvousTimeout(join=timedelta(seconds=timeout_s)))
 
 
+@contextlib.contextmanager
+def _quiet_stderr_fd():
+    """Send file descriptor 2 to /dev/null meanwhile (C++ logging bypasses Python's sys.stderr)."""
+    if os.environ.get("COMPACTFUSION_DEBUG"):
+        yield
+        return
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, "w") as null:
+            os.dup2(null.fileno(), 2)
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
 def _register_backend() -> None:
     from torch.distributed.elastic.rendezvous import rendezvous_handler_registry
     rendezvous_handler_registry.register(BACKEND, _create_handler)  # idempotent: same creator every time
@@ -145,6 +165,10 @@ def _quiet_launcher() -> None:
     if os.environ.get("COMPACTFUSION_DEBUG"):
         return
     # The launcher logs every failure with a traceback of its own polling code; we print one line instead.
+    # torch's elastic modules set their own logger levels, so every logger under those names is silenced.
+    for name in list(logging.root.manager.loggerDict):
+        if name.startswith(("torch.distributed.elastic", "torch.multiprocessing", "torch.distributed.launcher")):
+            logging.getLogger(name).setLevel(logging.CRITICAL)
     for name in ("torch.distributed.elastic", "torch.multiprocessing"):
         logging.getLogger(name).setLevel(logging.CRITICAL)
     # Killed workers leave semaphores that multiprocessing's resource tracker reclaims with a warning.
@@ -187,9 +211,7 @@ def launch(a, nproc: int, fn=None) -> int:
     static = a.rdzv_backend == "static"
     rdzv_configs = {"rank": a.node_rank or 0, "timeout": int(rdzv_timeout)} if static else \
         {"join_timeout": rdzv_timeout}
-    if static:
-        import torch.distributed  # noqa: F401  (registry import side effects)
-    else:
+    if not static:  # torch's static rendezvous is used as is (see docs/reliability.md: trust model)
         _register_backend()
     run_id = a.rdzv_id or ("compactfusion-" + (endpoint if a.rdzv_endpoint else uuid.uuid4().hex[:8])).replace(":", "-")
     config = LaunchConfig(min_nodes=a.nnodes, max_nodes=a.nnodes, nproc_per_node=nproc, run_id=run_id,
