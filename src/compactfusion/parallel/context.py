@@ -291,13 +291,10 @@ class ParallelContext:
         return out
 
     def _holders(self, key) -> tuple[int, ...]:
-        """Global ranks that keep a copy of stream ``key``'s state."""
+        """Global ranks that keep a copy of stream ``key``'s state (the strategy that made the key knows)."""
         if key[0] == "branch":
             key = key[2]
-        if len(key) == 4:  # Ulysses chunk (layer, tensor, src, dst): the pair only
-            return (key[2], key[3])
-        c, u, _ = self.mesh.coords(key[2])  # ring / all-gather stream (layer, tensor, src): src's ring
-        return tuple(self.mesh.rank_of(c, u, r) for r in range(self.mesh.ring))
+        return self.strategy.holders(key)
 
     def check_consistency(self, step: Any = None) -> int:
         """Collective over all ranks: every copy of every stream state must be bitwise equal.

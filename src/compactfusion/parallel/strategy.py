@@ -62,6 +62,12 @@ class Strategy:
     def buffer_nbytes(self) -> int:
         return 0
 
+    def holders(self, key) -> tuple[int, ...]:
+        """Global ranks holding stream ``key``: K/V streams ``(layer, tensor, src)`` live on src's ring."""
+        mesh = self.ctx.mesh
+        c, u, _ = mesh.coords(key[2])
+        return tuple(mesh.rank_of(c, u, r) for r in range(mesh.ring))
+
 
 class LocalStrategy(Strategy):
     """strategy="none": the whole sequence is on this rank."""

@@ -21,7 +21,7 @@ from .sharding import heads_per_rank, shard_offsets
 from .streams import raw_nbytes, split_bytes
 from .strategy import Strategy, attend
 
-__all__ = ["UlyssesStrategy", "scatter_heads", "gather_heads", "slice_joint", "gather_joint_heads"]
+__all__ = ["UlyssesStrategy", "chunk_holders", "scatter_heads", "gather_heads", "slice_joint", "gather_joint_heads"]
 
 _QKV = ("q", "k", "v")
 
@@ -115,7 +115,15 @@ def gather_joint_heads(ctx, comm, joint_out: torch.Tensor | None, layer: int, st
     return torch.cat(parts, dim=2)
 
 
+def chunk_holders(key) -> tuple[int, ...] | None:
+    """The (src, dst) pair holding a Ulysses chunk stream ``(layer, tensor, src, dst)``; None for other keys."""
+    return (key[2], key[3]) if len(key) == 4 else None
+
+
 class UlyssesStrategy(Strategy):
+    def holders(self, key) -> tuple[int, ...]:
+        return chunk_holders(key) or super().holders(key)
+
     def attention(self, q, k, v, joint, layer, step):
         comm = self.ctx.ulysses_comm
         heads_per_rank(q.shape[2], comm.size)  # fail fast, identically on every rank, before any traffic

@@ -12,12 +12,15 @@ from __future__ import annotations
 from .ring import ring_attention
 from .sharding import heads_per_rank
 from .strategy import Strategy
-from .ulysses import gather_heads, gather_joint_heads, scatter_heads, slice_joint
+from .ulysses import chunk_holders, gather_heads, gather_joint_heads, scatter_heads, slice_joint
 
 __all__ = ["USPStrategy"]
 
 
 class USPStrategy(Strategy):
+    def holders(self, key) -> tuple[int, ...]:  # Ulysses chunks and ring K/V streams
+        return chunk_holders(key) or super().holders(key)
+
     def attention(self, q, k, v, joint, layer, step):
         ucomm, rcomm = self.ctx.ulysses_comm, self.ctx.ring_comm
         heads_per_rank(q.shape[2], ucomm.size)
