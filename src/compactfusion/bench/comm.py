@@ -24,9 +24,10 @@ import time
 from pathlib import Path
 
 from ..cli.args import Parser, UsageError
+from ..parallel.registry import REGISTRY
 
 BANDWIDTHS = (("10MB/s", 10e6), ("100MB/s", 100e6), ("1GB/s", 1e9), ("10GB/s", 10e9), ("inf", math.inf))
-STRATEGIES = ("patch", "distrifusion", "ring", "ulysses", "usp")
+STRATEGIES = tuple(s for s in REGISTRY if s != "none")
 CODECS = ("none", "binary", "int2", "int4", "lowrank:8")
 QUICK_CODECS = ("none", "binary", "int4")
 

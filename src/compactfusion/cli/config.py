@@ -10,9 +10,9 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
+from ..parallel.registry import STRATEGIES  # the one list of strategy names
 from .args import UsageError
 
-STRATEGIES = ("none", "patch", "distrifusion", "ring", "ulysses", "usp")
 #: ``--dtype`` names -> torch dtype attribute names (resolved lazily: importing torch costs a second).
 DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 MAX_LOCAL_PROCS = 64
