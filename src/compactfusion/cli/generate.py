@@ -108,7 +108,9 @@ def _is_peer_failure(e: BaseException) -> bool:
     if isinstance(e, CommError):
         return True
     import torch.distributed as dist
-    return isinstance(e, (getattr(dist, "DistStoreError", ()), getattr(dist, "DistNetworkError", ())))
+    # DistBackendError: gloo's own timeout in the start-up barrier; DistStoreError: a peer never joined the store
+    kinds = tuple(getattr(dist, n) for n in ("DistStoreError", "DistNetworkError", "DistBackendError") if hasattr(dist, n))
+    return isinstance(e, kinds)
 
 
 def _on_signal(rank: str, errdir: str | None):

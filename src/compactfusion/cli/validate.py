@@ -211,7 +211,12 @@ def smallest_message_bytes(a, cfg, world: int, info: ModelInfo) -> int:
     from ..bundled.digits import IMAGE_SIZE, PACK
     mesh = cfg.resolve(world)
     tokens = ((a.height or IMAGE_SIZE) // PACK) * ((a.width or IMAGE_SIZE) // PACK) // max(1, mesh.sp)
-    raw = tokens * 128 * 4  # one batch row of K (4 heads x 32 channels, fp32)
+    try:
+        conf = json.loads((info.path / "transformer" / "config.json").read_text())
+        channels = int(conf["num_attention_heads"]) * int(conf["attention_head_dim"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return 1024
+    raw = tokens * channels * 4  # one batch row of K in fp32
     return max(64, raw // (1 if a.codec == "none" else 32))  # binary: 1 bit per value is the strongest codec
 
 
