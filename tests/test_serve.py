@@ -235,3 +235,30 @@ def test_scheduler_fifo_batching_queue_full_and_close():
     assert [x.job.id for x in s.close("shutting down")] == ["5"]
     with pytest.raises(NotAccepting):
         s.submit(_job(6))
+
+
+def _engine_batches(rank, world):
+    """Each request's float images from one batched call vs alone, compressed and uncompressed."""
+    import torch
+    from compactfusion.cli.serve import build_parser
+    from compactfusion.serve.engine import Engine
+    a = build_parser().parse_args(["--codec", "binary"])
+    engine = Engine(a, world, torch.device("cpu"), torch.float32)
+    jobs = [dict(prompt=p, n=n, width=32, height=32, steps=3, seed=s, guidance_scale=None, negative_prompt=None)
+            for p, n, s in (("1", 1, 11), ("8", 2, 12), ("4", 1, 13))]
+    out = {}
+    for codec in ("binary", "none"):
+        js = [dict(j, codec=codec) for j in jobs]
+        batched, stats_b = engine.run(js)
+        alone = [engine.run([j])[0][0] for j in js]
+        out[codec] = (max(float(abs(b - x).max()) for b, x in zip(batched, alone)), stats_b["bytes_sent"],
+                      [x.shape[0] for x in batched])
+    return out
+
+
+def test_engine_batched_equals_unbatched_within_1e4():
+    from distributed import run_distributed
+    res = run_distributed(_engine_batches, 2, timeout=300)[0]
+    for codec, (diff, sent, sizes) in res.items():
+        assert sizes == [1, 2, 1] and sent > 0
+        assert diff <= 1e-4, (codec, diff)
