@@ -12,10 +12,11 @@ are exact for this library's wire format. Per rank, per attention layer, per den
 * every step ends with an all-gather of the transformer output shard (uncompressed).
 
 The matrix a stream codes is (batch * local tokens, heads * head_dim): the CFG batch is folded into N.
-Warmup steps travel at full size in the model dtype (2 bytes: fp16/bf16). Text ("joint") tokens are
-replicated on every rank in compactfusion (never sent, but their compute is repeated on every rank);
-diffusers' context parallelism and the reference implementation split them across ranks when the text
-length divides by W (they are then sent with the image tokens): ``text_mode`` says which applies.
+Warmup steps travel at full size in the model dtype (2 bytes: fp16/bf16). Text ("joint") tokens follow
+each family's plan in compactfusion (``ModelSpec.library_text``): split like the image tokens (unevenly
+if need be, then sent with them) or replicated on every rank (never sent, compute repeated, e.g.
+HunyuanVideo); diffusers' context parallelism splits them only when the text length divides by W:
+``text_mode`` says which applies.
 
 Latency model (per step, per rank r, then the slowest rank; per image = sum over steps):
 
@@ -60,6 +61,7 @@ class ModelSpec:
     warmup_steps: int     # compression warmup used by the reference presets
     out_channels: int     # channels per token of the transformer output (gathered every step)
     linear_flops: int     # FLOPs per token per layer of the linear layers, in units of C^2
+    library_text: str = "split"  # how compactfusion's plan for the family treats text: "split" or "replicated"
 
     @property
     def channels(self) -> int:
@@ -79,6 +81,14 @@ MODELS = {m.key: m for m in (
     ModelSpec("sd3-medium-1024", "SD3-medium 1024x1024 (CFG)", 24, 24, 64, 4096, 333, 2, 28, 1, 64, 24),
     ModelSpec("pixart-alpha-1024", "PixArt-alpha 1024x1024 (CFG)", 28, 16, 72, 4096, 0, 2, 20, 1, 32, 28),
     ModelSpec("cogvideox-2b", "CogVideoX-2b 480x720x49 (CFG)", 30, 30, 64, 17550, 226, 2, 50, 2, 64, 24),
+    # Video at published shapes (diffusers class defaults; VAE 4x8x8, patch 1x2x2): Wan 2.1 14B and Wan 2.2
+    # A14B (two experts of the same shape, one per step) at 720x1280x81 -> 21x45x80 tokens, text by
+    # cross-attention, cond/uncond as two calls per step (batch 2 in traffic); HunyuanVideo 720x1280x129 ->
+    # 33x45x80 tokens, 20 double + 40 single blocks, 256 text tokens replicated at the rear of attention.
+    ModelSpec("wan21-14b-720p", "Wan 2.1 14B 720x1280x81 (CFG, 2 calls)", 40, 40, 128, 75600, 0, 2, 50, 1, 64, 23),
+    ModelSpec("wan22-a14b-720p", "Wan 2.2 A14B 720x1280x81 (CFG, 2 calls)", 40, 40, 128, 75600, 0, 2, 40, 1, 64, 23),
+    ModelSpec("hunyuanvideo-720p", "HunyuanVideo 720x1280x129", 60, 24, 128, 118800, 256, 1, 50, 1, 64, 24,
+              library_text="replicated"),
 )}
 
 #: Published single-device FLUX.1-dev time (reference table 8.2, "Original", 4xL20 machine): 28 steps.
@@ -156,8 +166,9 @@ def text_split(model: ModelSpec, strategy: str, world: int, text_mode: str) -> b
     """Whether text tokens are sharded (and communicated) rather than replicated on every rank."""
     if model.text_tokens == 0:
         return False
-    mode = text_mode if text_mode != "library" else ("split" if strategy.startswith("diffusers") else "replicated")
-    return mode == "split" and model.text_tokens % world == 0
+    mode = text_mode if text_mode != "library" else ("split" if strategy.startswith("diffusers") else model.library_text)
+    # diffusers' sharder needs even splits (else it cannot run); ours splits unevenly
+    return mode == "split" and (not strategy.startswith("diffusers") or model.text_tokens % world == 0)
 
 
 def feasible(model: ModelSpec, strategy: str, world: int) -> str | None:
@@ -183,7 +194,7 @@ def traffic(model: ModelSpec, strategy: str, codec: str, world: int, text_mode: 
     w, c, b = world, model.channels, model.batch
     img = shard_sizes(model.image_tokens, w)
     split = text_split(model, strategy, w, text_mode)
-    txt = [model.text_tokens // w if split else 0] * w
+    txt = shard_sizes(model.text_tokens, w) if split else [0] * w
     n = [b * (i + t) for i, t in zip(img, txt)]
     coded_spec = codec if codec != "none" and not strategy.startswith("diffusers") else "none"
     warm_spec = warmup if coded_spec != "none" and warmup not in WARMUP_FULL else "none"
@@ -410,8 +421,10 @@ def markdown(rows: list[dict], pub: list[dict], checks: list[dict], links, world
     lines = ["## Projected traffic and latency at real model shapes (`bench project`)", "",
              "Exact bytes from the codecs' `encoded_nbytes(N, C)` and each strategy's traffic pattern (no weights "
              "are loaded). Per rank, per image; warmup steps at full fp16/bf16 size; the output all-gather of every "
-             "step included. compactfusion replicates text tokens on every rank (never sent); diffusers' native "
-             "CP and the reference split them when the length divides by W.", ""]
+             "step included. compactfusion splits text tokens with the image tokens (unevenly if need be) where the "
+             "family's plan does (FLUX, SD3, CogVideoX) and replicates them where it keeps text whole "
+             "(HunyuanVideo; Wan and PixArt attend to text by cross-attention); diffusers' native CP and the "
+             "reference split them when the length divides by W.", ""]
     shapes = [[m.name, m.layers, f"{m.heads}x{m.head_dim}", m.image_tokens, m.text_tokens, m.batch, m.steps,
                m.warmup_steps] for m in MODELS.values() if any(r["model"] == m.key for r in rows)]
     lines += [md_table(["model", "attn layers", "heads x dim", "image tokens", "text tokens", "batch", "steps",
@@ -544,7 +557,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--warmup-codecs", default=",".join(WARMUPS),
                    help="what warmup steps send, comma list: fp16 (full precision) and/or codec specs (int8, int4, ...)")
     p.add_argument("--text-mode", choices=("library", "split", "replicated"), default="library",
-                   help="library: compactfusion replicates text, diffusers splits it")
+                   help="library: text as each family plan has it (compactfusion), split for diffusers")
     p.add_argument("--step-time", action="append", default=[], metavar="MODEL=SECONDS",
                    help="single-device seconds per denoising step (default: FLOP-scaled from FLUX on L20)")
     p.add_argument("--quick", action="store_true", help="FLUX only, W=4, a few codecs (for tests)")
