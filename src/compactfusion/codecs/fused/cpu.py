@@ -135,9 +135,13 @@ def encode(lib, codec, x: torch.Tensor, bits: int, blocks: list[slice], sub: tor
     p = -(-c // (8 // bits))
     payload = torch.empty(n * p + 2 * (n + c), dtype=torch.uint8)
     base = payload.data_ptr()
-    tw = torch.empty(n + 2, dtype=torch.float32)  # tok, then 2 floats of scratch for cf_sign_stats
-    tok, work = tw[:n], tw[n:]
-    buf = torch.empty(blocks[0].stop - blocks[0].start, c, dtype=torch.float32)
+    # One scratch allocation (allocations cost as much as a small kernel here): tok, 2 floats for
+    # cf_sign_stats, then the |x| block buffer, each starting 64-byte aligned like a fresh tensor.
+    rows0 = blocks[0].stop - blocks[0].start
+    off = -(-(n + 2) // 16) * 16
+    scratch = torch.empty(off + rows0 * c, dtype=torch.float32)
+    tok, work = scratch[:n], scratch[n:n + 2]
+    buf = scratch[off:].view(rows0, c)
     chan = None
     xp = x.data_ptr()
     for rows in blocks:
