@@ -121,6 +121,13 @@ def _worker(rank, world):
                         calls=st["transformer_calls"], branches=st["branches"])
     cf.unparallelize(pipe)
 
+    # -- video with CFG parallel: LTX batches cond/uncond in one call; each half runs on one rank ----------
+    pipe = TINY["ltx"]()
+    ref = np.asarray(pipe(**tiny_call_kwargs("ltx", steps=3)).frames)
+    cf.parallelize(pipe, cf.ParallelConfig(strategy="none", cfg_parallel=True))
+    res["ltx_cfg"] = float(np.abs(np.asarray(pipe(**tiny_call_kwargs("ltx", steps=3)).frames) - ref).max())
+    cf.unparallelize(pipe)
+
     # -- request batches: each request's images get their own streams (serving) --------------------------
     pipe = TINY["flux"]()
     cf.parallelize(pipe, cf.ParallelConfig(strategy="ring", compression="int4"))
@@ -186,3 +193,27 @@ def test_wan22_two_transformers(results):
 def test_request_batches_match_single_requests(results):
     for r in results:
         assert r["batched"] <= 1e-4, r["batched"]
+
+
+def test_ltx_cfg_parallel(results):
+    for r in results:
+        assert r["ltx_cfg"] <= 1e-4, r["ltx_cfg"]
+
+
+def test_every_unroutable_backend_is_refused():
+    """Every diffusers backend outside the SDPA family is refused by name; the SDPA ones pass."""
+    from types import SimpleNamespace
+
+    from diffusers.models.attention_dispatch import AttentionBackendName
+
+    from compactfusion.integrations.diffusers.router import (ROUTABLE_BACKENDS, UnsupportedAttentionError,
+                                                             check_backend)
+    names = [b.value for b in AttentionBackendName]
+    assert len(names) > 10
+    for name in names:
+        module = SimpleNamespace(processor=SimpleNamespace(_attention_backend=name))
+        if name in ROUTABLE_BACKENDS:
+            check_backend(module, "blocks.0.attn")
+        else:
+            with pytest.raises(UnsupportedAttentionError, match=rf"'{name}' attention backend"):
+                check_backend(module, "blocks.0.attn")
