@@ -244,3 +244,23 @@ def test_build_without_openmp_still_works(tmp_path, monkeypatch):
         check_same(lib, "int2", torch.randn(300, 301), out_dtypes=(torch.float32,))
     finally:
         cpu.load.cache_clear()
+
+
+def test_triton_failure_falls_back_under_auto_only(monkeypatch):
+    class Broken:
+        @staticmethod
+        def encode(*args):
+            raise RuntimeError("no kernel for this GPU")
+
+        decode = encode
+
+    monkeypatch.setattr(fused, "backend", lambda impl, device: "triton")
+    monkeypatch.setattr(fused, "_triton", lambda: Broken)
+    x = torch.randn(6, 10)
+    want = get_codec("binary", impl="reference").encode(x)
+    with pytest.warns(RuntimeWarning, match="Triton kernels failed"):
+        assert torch.equal(get_codec("binary").encode(x), want)
+    with pytest.warns(RuntimeWarning):
+        assert torch.equal(get_codec("binary").decode(want, (6, 10)), get_codec("binary", impl="reference").decode(want, (6, 10)))
+    with pytest.raises(RuntimeError, match="no kernel"):
+        get_codec("binary", impl="triton").encode(x)

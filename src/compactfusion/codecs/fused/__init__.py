@@ -18,6 +18,7 @@ error messages and the overflow handling stay in one place.
 from __future__ import annotations
 
 import os
+import warnings
 
 import torch
 
@@ -88,7 +89,12 @@ def encode(impl: str, codec, x: torch.Tensor, bits: int, sub: torch.Tensor | Non
         return cpu.encode(_cpu_lib(), codec, x, bits, blocks, sub)
     if sub is not None:
         x = x.float() - sub
-    return _triton().encode(codec, x, bits, blocks)
+    try:
+        return _triton().encode(codec, x, bits, blocks)
+    except (ValueError, TypeError):  # the input's fault (NaN/Inf ...): same error as the reference
+        raise
+    except Exception as e:  # noqa: BLE001 - e.g. a GPU this triton cannot compile for
+        return _triton_failed(impl, e)
 
 
 def decode(impl: str, payload: torch.Tensor, n: int, c: int, bits: int, levels, dtype,
@@ -98,5 +104,17 @@ def decode(impl: str, payload: torch.Tensor, n: int, c: int, bits: int, levels, 
         return None
     if kind == "cpu-c":
         return cpu.decode(_cpu_lib(), payload, n, c, bits, levels, dtype, add_to)
-    out = _triton().decode(payload, n, c, bits, levels, dtype)
+    try:
+        out = _triton().decode(payload, n, c, bits, levels, dtype)
+    except Exception as e:  # noqa: BLE001
+        return _triton_failed(impl, e)
     return out if add_to is None else add_to + out
+
+
+def _triton_failed(impl: str, err: Exception) -> None:
+    """Under "auto" a Triton failure (compiler, driver, unsupported GPU) falls back to the reference."""
+    if _effective(impl) != "auto":
+        raise err
+    warnings.warn(f"compactfusion codecs: Triton kernels failed ({type(err).__name__}: {err}); "
+                  "using the PyTorch reference", RuntimeWarning, stacklevel=3)
+    return None
