@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import hashlib
 import inspect
+import math
 import os
 import types
 from dataclasses import dataclass, field
@@ -27,6 +28,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ...parallel.errors import ConfigMismatchError
+from .guards import check_finite, check_ranks_agree, generator_fingerprint, tensor_digest
 from .plans import FamilyPlan, Gather, Split, is_cross_attention, resolve_paths, unwrap_model
 from .router import AttentionRouter, UnroutedAttentionError, UnsupportedAttentionError, backend_of, check_backend
 
@@ -557,11 +559,41 @@ class ModelRuntime:
         for k, v in sorted(call_args.items()):
             if isinstance(v, (int, float, str, bool, type(None))) or (isinstance(v, (list, tuple)) and all(isinstance(x, (int, float, str)) for x in v)):
                 parts[k] = _short(v)
-            elif isinstance(v, torch.Generator):
-                parts[k] = f"seed {v.initial_seed()}"
-            elif isinstance(v, torch.Tensor):
-                parts[k] = f"tensor {tuple(v.shape)} {str(v.dtype).removeprefix('torch.')}"
+            elif isinstance(v, torch.Generator) or (isinstance(v, (list, tuple)) and v
+                                                     and all(isinstance(g, torch.Generator) for g in v)):
+                # the full state: an advanced generator differs from a fresh one with the same seed
+                parts[k] = f"generator state {generator_fingerprint(v)}"
+            elif isinstance(v, torch.Tensor):  # latents, prompt embeddings: their values, not just the shape
+                parts[k] = f"tensor {tuple(v.shape)} {str(v.dtype).removeprefix('torch.')} {tensor_digest(v)}"
         return parts
+
+    def agreed_generator(self):
+        """A CPU generator seeded identically on every rank (rank 0 draws the seed), for ``generator=None``."""
+        seed = self.ctx.world_comm.broadcast_object(int(torch.randint(0, 2**62, ()).item()) if self.ctx.rank == 0
+                                                    else None, src=0)
+        return torch.Generator().manual_seed(int(seed))
+
+    def check_output(self, result) -> None:
+        """Collective, after every generation: the output must be finite and identical on every rank.
+
+        Every rank learns every rank's verdict first, so all raise together (a NaN seen by one rank alone
+        cannot leave the others waiting, and no rank returns an image the others refused).
+        """
+        out = _output_of(result)
+        if out is None:
+            return
+        try:
+            check_finite(out, f"rank {self.ctx.rank}")
+            bad = 0
+        except ValueError as e:
+            bad = getattr(e, "count", 1) or 1
+        table = self.ctx.world_comm.all_gather_object((tensor_digest(out), bad))
+        ranks = [r for r, (_, b) in enumerate(table) if b]
+        if ranks:
+            check_finite(out, f"the generated output (non-finite on rank(s) {ranks}; NaN/Inf entered an attention "
+                              f"input or output: see cf.context(pipe).coder.encoder.nonfinite_events())")
+            raise RuntimeError(f"rank(s) {ranks} produced non-finite output")  # this rank's own copy was finite
+        check_ranks_agree(lambda _: [d for d, _ in table], table[self.ctx.rank][0], "the generated output")
 
     def fingerprint(self, call_args: dict) -> str:
         """Digest of :meth:`fingerprint_parts` (exchanged by ``check_agreement`` at each call)."""
@@ -583,6 +615,29 @@ class ModelRuntime:
                                    f"with the same arguments", getattr(err, "ranks", None))
 
 
+def _output_of(result):
+    """The array a pipeline returned (images, frames or latents), or None when it returned nothing to check."""
+    for name in ("images", "frames", "audios"):
+        x = getattr(result, name, None)
+        if x is not None:
+            result = x
+            break
+    if isinstance(result, tuple) and result:
+        result = result[0]
+    if isinstance(result, list) and result and hasattr(result[0], "mode"):  # PIL images
+        import numpy as np
+        return np.stack([np.asarray(im) for im in result])
+    if isinstance(result, list) and result and isinstance(result[0], list) and result[0] and hasattr(result[0][0], "mode"):
+        import numpy as np  # video as lists of PIL frames
+        return np.stack([np.stack([np.asarray(im) for im in v]) for v in result])
+    if hasattr(result, "shape"):
+        return result
+    if isinstance(result, list) and result and all(hasattr(x, "shape") for x in result):
+        import numpy as np
+        return np.stack([np.asarray(x) for x in result])
+    return None
+
+
 #: Kept for callers of the earlier name.
 PipelineRuntime = ModelRuntime
 
@@ -599,8 +654,21 @@ def install_pipeline_class(pipe, runtime: ModelRuntime) -> None:
             call_args = {k: v for k, v in bound.arguments.items() if k != "self"}
         except TypeError:
             call_args = dict(kwargs)
+        for k, v in call_args.items():  # NaN guidance would silently disable guidance, inf poison the image
+            if isinstance(v, float) and not math.isfinite(v):
+                raise ValueError(f"{k} must be a finite number, got {v!r}")
+        if "generator" in signature.parameters and call_args.get("generator") is None \
+                and call_args.get("latents") is None:
+            # diffusers would draw from each rank's global RNG: different noise per rank
+            gen = call_args["generator"] = rt.agreed_generator()
+            pos = list(signature.parameters).index("generator") - 1  # without self
+            if pos < len(args):
+                args = args[:pos] + (gen,) + args[pos + 1:]
+            else:
+                kwargs["generator"] = gen
         rt.begin_generation(call_args)
         result = base.__call__(self, *args, **kwargs)
+        rt.check_output(result)
         rt.end_generation()
         return result
 
