@@ -254,10 +254,10 @@ def test_triton_failure_falls_back_under_auto_only(monkeypatch):
 
         decode = encode
 
-    monkeypatch.setattr(fused, "backend", lambda impl, device: "triton")
-    monkeypatch.setattr(fused, "_triton", lambda: Broken)
     x = torch.randn(6, 10)
     want = get_codec("binary", impl="reference").encode(x)
+    monkeypatch.setattr(fused, "backend", lambda impl, device: "reference" if impl == "reference" else "triton")
+    monkeypatch.setattr(fused, "_triton", lambda: Broken)
     with pytest.warns(RuntimeWarning, match="Triton kernels failed"):
         assert torch.equal(get_codec("binary").encode(x), want)
     with pytest.warns(RuntimeWarning):
