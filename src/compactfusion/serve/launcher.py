@@ -60,7 +60,8 @@ def launch_local(argv: list[str], nproc: int, timeout_s: float) -> int:
                 _kill(procs)
                 break
             time.sleep(POLL_S)
-        deadline = time.monotonic() + timeout_s + EXIT_GRACE_S  # followers stop on rank 0's stop or its loss
+        # after a drain the followers got "stop"; after a failure they are of no use (and may be stopped)
+        deadline = time.monotonic() + (timeout_s + EXIT_GRACE_S if procs[0].returncode == 0 else 0.5)
         while any(p.poll() is None for p in procs) and time.monotonic() < deadline:
             time.sleep(POLL_S)
         _kill(procs)

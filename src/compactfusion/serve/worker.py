@@ -149,41 +149,58 @@ class Leader:
             e.future.set_result((status, f"not run: {reason}"))
 
     def loop(self) -> int:
+        """Run until a drain ends (0) or the group breaks (FAILED_EXIT: everyone answered first)."""
+        batch: list = []
+        try:
+            while True:
+                batch = []
+                if self._step_idle_or_stop():
+                    return 0
+                batch = self._take()
+                if batch:
+                    self._run(batch)
+        except Exception as err:  # noqa: BLE001 - the group is broken: answer everyone, then exit
+            if not _is_group_failure(err):
+                raise
+            reason = blame(self.state.ranks, err)
+            self.state.set("failed", reason)
+            for e in batch:
+                self.state.metrics.requests.labels("failed").inc()
+                e.future.set_result((500, f"generation failed: {reason}"))
+            self._close_queue(f"a rank failed: {reason}")
+            return FAILED_EXIT
+
+    def _step_idle_or_stop(self) -> bool:
+        """True once drained (and the other ranks told to stop)."""
+        if self.drain.is_set() and self.state.scheduler.in_flight == 0:
+            self.state.set("draining", "the server is shutting down")
+            self._close_queue("the server is shutting down")
+            self.chan.broadcast({"op": "stop"})
+            return True
+        return False
+
+    def _take(self) -> list:
+        sched = self.state.scheduler
+        batch = sched.next_batch(self.a.heartbeat)
+        self.state.metrics.queue_depth.set(sched.depth())
+        if not batch and not self.drain.is_set():  # idle: every rank answers within the heartbeat
+            self.chan.broadcast({"op": "beat"})
+            self.chan.gather({"ok": True})
+        return batch
+
+    def _run(self, batch: list) -> None:
         sched, m = self.state.scheduler, self.state.metrics
-        while True:
-            if self.drain.is_set() and sched.in_flight == 0:
-                self.state.set("draining", "the server is shutting down")
-                self._close_queue("the server is shutting down")
-                self.chan.broadcast({"op": "stop"})
-                return 0
-            batch = sched.next_batch(self.a.heartbeat)
-            m.queue_depth.set(sched.depth())
-            if not batch:
-                if not self.drain.is_set():
-                    self.chan.broadcast({"op": "beat"})
-                    self.chan.gather({"ok": True})
-                continue
-            m.in_flight.set(sum(e.job.n for e in batch))
-            m.batch_size.observe(len(batch))
-            try:
-                jobs = [asdict(e.job) for e in batch]
-                self.chan.broadcast({"op": "run", "jobs": jobs})
-                status, images = _run_batch(self.engine, jobs)
-                reports = self.chan.gather(status)
-            except Exception as err:  # noqa: BLE001 - the group is broken: answer everyone, then exit
-                if not _is_group_failure(err) and not isinstance(err, CommError):
-                    raise
-                reason = blame(self.state.ranks, err)
-                self.state.set("failed", reason)
-                for e in batch:
-                    m.requests.labels("failed").inc()
-                    e.future.set_result((500, f"generation failed: {reason}"))
-                self._close_queue(f"a rank failed: {reason}")
-                return FAILED_EXIT
-            finally:
-                sched.finished(time.monotonic() - batch[0].started)
-                m.in_flight.set(0)
-            self._answer(batch, reports, images)
+        m.in_flight.set(sum(e.job.n for e in batch))
+        m.batch_size.observe(len(batch))
+        try:
+            jobs = [asdict(e.job) for e in batch]
+            self.chan.broadcast({"op": "run", "jobs": jobs})
+            status, images = _run_batch(self.engine, jobs)
+            reports = self.chan.gather(status)
+        finally:
+            sched.finished(time.monotonic() - batch[0].started)
+            m.in_flight.set(0)
+        self._answer(batch, reports, images)
 
     def _answer(self, batch, reports: list[dict], images) -> None:
         m = self.state.metrics
@@ -325,10 +342,16 @@ def configure_limits(state, engine) -> None:
 
 
 def main_rank(a) -> int:
-    """Entry for one rank with one-line errors (a peer failure exits non-zero without a traceback)."""
+    """Entry for one rank with one-line errors. After a peer failure the process leaves at once
+    (``os._exit``): destroying a broken group at interpreter exit can wait on the dead or stopped peer."""
     try:
-        return run_rank(a)
+        code = run_rank(a)
     except CommError as e:
         print(f"compactfusion serve: rank {os.environ.get('RANK', '0')} stopped: {str(e).splitlines()[0][:250]}",
               file=sys.stderr, flush=True)
-        return FAILED_EXIT
+        code = FAILED_EXIT
+    if code == FAILED_EXIT:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    return code
