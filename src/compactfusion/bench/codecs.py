@@ -254,7 +254,9 @@ MISSED_NOTE = (
     "(int2) a second C pass for the fields, and a decode pass; about 9 dispatches per encode+decode. At "
     "64x128 the work itself takes a few microseconds and these dispatches (each a few microseconds on this "
     "machine, several times that under load) are the cost; at the FLUX shapes the passes are memory-bound "
-    "and the ratio to clone() depends on how much of each pass other processes' load stretches."
+    "and the ratio to clone() depends on how much of each pass other processes' load stretches: with 2 "
+    "threads on an oversubscribed machine every parallel region (torch's and the kernels') can wait a "
+    "scheduler time slice for its second thread, so medians swing between runs; `--threads 1` avoids that."
 )
 TARGET_COLUMNS = (("codec", "codec"), ("shape", "N x C"), ("goal", "goal (fused enc+dec)"), ("measured", "median"),
                   ("met", "met (median)"), ("best", "best repetition (fused best / clone best)"))
