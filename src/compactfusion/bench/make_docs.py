@@ -23,14 +23,17 @@ from ..cli.args import Parser
 # name -> (arguments for a full run, arguments for --quick, time limit in seconds)
 BENCHES = {
     "project": ([], ["--quick"], 300),
-    "codecs": ([], ["--quick"], 300),
+    "codecs": ([], ["--quick"], 600),
     "comm": ([], ["--quick"], 420),
     "quality": ([], ["--quick"], 1500),
     "latency": (["--shaped"], ["--quick"], 900),
     "soak": (["--generations", "40"], ["--generations", "6"], 420),
+    "serve": (["--requests", "8", "--concurrency", "1,4", "--steps", "4"], ["--requests", "4", "--concurrency", "1",
+                                                                          "--steps", "2"], 600),
 }
 TITLES = {"project": "Projection to real models", "codecs": "Codecs", "comm": "Communication layer",
-          "quality": "Quality", "latency": "Latency", "soak": "Soak (many generations)"}
+          "quality": "Quality", "latency": "Latency", "soak": "Soak (many generations)",
+          "serve": "Serve"}
 
 
 def run_bench(name: str, out: Path, extra: list[str], limit: float) -> dict:
