@@ -55,19 +55,15 @@ class Channel:
 
 
 def _init_group(a, world: int, rank: int, device) -> None:
-    import torch
     import torch.distributed as dist
-    from ..comm.device import group_timeout
-    backend = "nccl" if device.type == "cuda" else "gloo"
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
+    from ..comm.device import init_distributed  # CUDA: cpu:gloo,cuda:nccl bound to the device
     store_addr = os.environ.get("COMPACTFUSION_SERVE_STORE")
     if store_addr:  # our own launcher hosts the store, bound to 127.0.0.1 (launcher.py)
         host, _, port = store_addr.rpartition(":")
         store = dist.TCPStore(host, int(port), is_master=False, timeout=timedelta(seconds=max(60.0, a.timeout)))
-        dist.init_process_group(backend, store=store, rank=rank, world_size=world, timeout=group_timeout(a.timeout))
+        init_distributed(device, a.timeout, store=store, rank=rank, world_size=world)
     else:  # torchrun's environment
-        dist.init_process_group(backend, timeout=group_timeout(a.timeout))
+        init_distributed(device, a.timeout)
 
 
 def _run_batch(engine, jobs: list[dict]) -> tuple[dict, list | None]:
