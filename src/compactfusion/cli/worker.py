@@ -45,12 +45,12 @@ def _test_nan_hook(pipe, rank: int) -> None:
     pipe.transformer.proj_out.register_forward_hook(lambda m, args, out: out * float("nan"))
 
 
-def _gather(obj, world: int) -> list:
+def _gather(obj, world: int, timeout_s: float = 60.0) -> list:
+    """Every rank's ``obj`` (JSON control message with a timeout: peers' data is never unpickled)."""
     if world == 1:
         return [obj]
-    out = [None] * world
-    dist.all_gather_object(out, obj)
-    return out
+    from ..comm import Communicator
+    return Communicator(None, None, None, timeout_s).all_gather_object(obj)
 
 
 def _check_output(images, rank: int, world: int) -> None:
