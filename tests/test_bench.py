@@ -13,15 +13,17 @@ from compactfusion.codecs import get_codec
 # -- bench project: exact bytes ---------------------------------------------------------------------------
 def test_project_flux_binary_matches_formula():
     m = P.MODELS["flux-dev-1024"]
-    n, c, w = (4096 + 512) // 4, 24 * 128, 4  # FLUX's plan splits text too: 1024 image + 128 text tokens
+    n, c, w = 4096 // 4, 24 * 128, 4  # replicated text: only the 1024 image tokens of a rank travel
     binary = n * c // 8 + 2 * (n + c)  # bits + token scale + channel scale (fp16)
     assert get_codec("binary").encoded_nbytes(n, c) == binary
     tr = P.traffic(m, "ring", "binary", w)
     assert tr["layer_coded"] == [(w - 1) * 2 * binary] * w  # W-1 hops of K and V
     assert tr["layer_warm"] == [(w - 1) * 2 * n * c * 2] * w  # warmup at fp16 size
     assert tr["gather"] == [(w - 1) * 1024 * 64 * 2] * w  # only image tokens are gathered
-    hv = P.traffic(P.MODELS["hunyuanvideo-720p"], "ring", "none", w)  # its plan keeps text replicated
+    hv = P.traffic(P.MODELS["hunyuanvideo-720p"], "ring", "none", w)  # video rows: text replicated too
     assert hv["layer_raw"][0] == (w - 1) * 2 * (118800 // 4) * c * 2
+    split = P.traffic(m, "ring", "none", w, "split")  # uneven text splits are modelled (512 / 4 = 128 each)
+    assert split["layer_raw"][0] == (w - 1) * 2 * (n + 128) * c * 2
 
 
 def test_project_flux_ratios_and_warmup_cap():

@@ -13,9 +13,9 @@ are exact for this library's wire format. Per rank, per attention layer, per den
 
 The matrix a stream codes is (batch * local tokens, heads * head_dim): the CFG batch is folded into N.
 Warmup steps travel at full size in the model dtype (2 bytes: fp16/bf16). Text ("joint") tokens follow
-each family's plan in compactfusion (``ModelSpec.library_text``): split like the image tokens (unevenly
-if need be, then sent with them) or replicated on every rank (never sent, compute repeated, e.g.
-HunyuanVideo); diffusers' context parallelism splits them only when the text length divides by W:
+each family's plan in compactfusion (``ModelSpec.library_text``): replicated on every rank (never sent,
+compute repeated) in every built-in plan, or split like the image tokens (``--text-mode split``, unevenly
+if need be); diffusers' context parallelism splits them only when the text length divides by W:
 ``text_mode`` says which applies.
 
 Latency model (per step, per rank r, then the slowest rank; per image = sum over steps):
@@ -61,7 +61,7 @@ class ModelSpec:
     warmup_steps: int     # compression warmup used by the reference presets
     out_channels: int     # channels per token of the transformer output (gathered every step)
     linear_flops: int     # FLOPs per token per layer of the linear layers, in units of C^2
-    library_text: str = "split"  # how compactfusion's plan for the family treats text: "split" or "replicated"
+    library_text: str = "replicated"  # how compactfusion's plan for the family treats text: "split" or "replicated"
 
     @property
     def channels(self) -> int:
@@ -421,10 +421,9 @@ def markdown(rows: list[dict], pub: list[dict], checks: list[dict], links, world
     lines = ["## Projected traffic and latency at real model shapes (`bench project`)", "",
              "Exact bytes from the codecs' `encoded_nbytes(N, C)` and each strategy's traffic pattern (no weights "
              "are loaded). Per rank, per image; warmup steps at full fp16/bf16 size; the output all-gather of every "
-             "step included. compactfusion splits text tokens with the image tokens (unevenly if need be) where the "
-             "family's plan does (FLUX, SD3, CogVideoX) and replicates them where it keeps text whole "
-             "(HunyuanVideo; Wan and PixArt attend to text by cross-attention); diffusers' native CP and the "
-             "reference split them when the length divides by W.", ""]
+             "step included. compactfusion's plans keep text tokens whole on every rank (never sent; Wan, LTX and "
+             "PixArt attend to text by cross-attention); diffusers' native CP and the reference split them when "
+             "the length divides by W (`--text-mode split` models that for compactfusion too).", ""]
     shapes = [[m.name, m.layers, f"{m.heads}x{m.head_dim}", m.image_tokens, m.text_tokens, m.batch, m.steps,
                m.warmup_steps] for m in MODELS.values() if any(r["model"] == m.key for r in rows)]
     lines += [md_table(["model", "attn layers", "heads x dim", "image tokens", "text tokens", "batch", "steps",

@@ -17,6 +17,7 @@ BENCHES = {
     "project": "compactfusion.bench.project",
     "soak": "compactfusion.bench.soak",
     "serve": "compactfusion.bench.serve",
+    "text": "compactfusion.bench.text",
 }
 
 USAGE = """usage: compactfusion <command> [options]

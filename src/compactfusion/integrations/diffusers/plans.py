@@ -15,11 +15,13 @@ that is silently skipped leaves a rank computing on the wrong tokens — unless 
 ``optional=True`` (e.g. Wan's ``timestep`` is per token only in Wan 2.2 TI2V). Splits may be uneven:
 the first ``S % W`` ranks hold one token more (``compactfusion.parallel.shard_sizes``).
 
-Text tokens are sharded like image tokens in every family (as diffusers' plans do): one code path, no
-replicated text compute on every rank, and attention is exact because it is invariant to the order of
-its keys. The cost is that text K/V travel too; docs/models.md gives the measured share per family.
+Text is kept whole on every rank in every family (``joint``), unlike diffusers' plans, which shard it:
+sharded text K/V travel residual-coded next to image tokens whose statistics differ, and on the bundled
+model that costs 6-8 dB PSNR under binary/int2 coding for ~1 % fewer bytes (docs/models.md, measured by
+``compactfusion bench text``). A user plan may still split text (attention is exact either way: it is
+invariant to the order of its keys).
 
-A family may instead keep text replicated (``joint="front"|"rear"``: the unsplit tokens that each
+Replicated text (``joint="front"|"rear"``: the unsplit tokens that each
 self-attention call joins to the sharded ones, counted by ``joint_tokens``): they are attended exactly
 once and never travel, and a key-padding mask on them is applied locally (HunyuanVideo).
 
@@ -122,25 +124,24 @@ def from_diffusers_plan(cp_plan: Mapping) -> dict:
 
 
 def _flux_plan() -> dict:
-    # diffusers' own Flux plan, plus ControlNet residuals (added to the image tokens in every block).
-    return {"": {"hidden_states": Split(1, 3), "encoder_hidden_states": Split(1, 3), "img_ids": Split(0, 2),
-                 "txt_ids": Split(0, 2), "controlnet_block_samples": Split(1, 3),
+    # diffusers' Flux plan with the text left whole (joint, front), plus ControlNet residuals (added to the
+    # image tokens in every block).
+    return {"": {"hidden_states": Split(1, 3), "img_ids": Split(0, 2), "controlnet_block_samples": Split(1, 3),
                  "controlnet_single_block_samples": Split(1, 3)},
             "proj_out": Gather(1, 3)}
 
 
 _PLANS = [
-    FamilyPlan("flux", _flux_plan(), families=("FluxTransformer2DModel",),
-               notes="FLUX.1 (dev, schnell, Kontext, Fill) and the bundled digits model; text ids split with the text"),
-    FamilyPlan("flux2", {"": {"hidden_states": Split(1, 3), "encoder_hidden_states": Split(1, 3),
-                              "img_ids": Split(1, 3), "txt_ids": Split(1, 3)},
-                         "proj_out": Gather(1, 3)}, families=("Flux2Transformer2DModel",)),
+    FamilyPlan("flux", _flux_plan(), joint="front", families=("FluxTransformer2DModel",),
+               notes="FLUX.1 (dev, schnell, Kontext, Fill) and the bundled digits model"),
+    FamilyPlan("flux2", {"": {"hidden_states": Split(1, 3), "img_ids": Split(1, 3)}, "proj_out": Gather(1, 3)},
+               joint="front", families=("Flux2Transformer2DModel",)),
     FamilyPlan("qwenimage", {"": {"controlnet_block_samples": Split(1, 3)},
-                             "transformer_blocks.0": {"hidden_states": Split(1, 3), "encoder_hidden_states": Split(1, 3)},
-                             "transformer_blocks.*": {"modulate_index": Split(1, 2),
-                                                      "encoder_hidden_states_mask": Split(1, 2, mask=True)},
-                             "pos_embed": {0: Split(0, 2), 1: Split(0, 2)},
-                             "proj_out": Gather(1, 3)}, families=("QwenImageTransformer2DModel",)),
+                             "transformer_blocks.0": {"hidden_states": Split(1, 3)},
+                             "transformer_blocks.*": {"modulate_index": Split(1, 2)},
+                             "pos_embed": {0: Split(0, 2)},  # (image rotary, text rotary): the text stays whole
+                             "proj_out": Gather(1, 3)}, joint="front", families=("QwenImageTransformer2DModel",),
+               notes="text whole at the front: its padding mask is applied locally"),
     FamilyPlan("wan", {"rope": {0: Split(1, 4), 1: Split(1, 4)},
                        "blocks.0": {"hidden_states": Split(1, 3)},
                        "": {"timestep": Split(1, 2, optional=True)},  # per-token only in Wan 2.2 TI2V
@@ -152,8 +153,8 @@ _PLANS = [
                cross_attention=("transformer_blocks.*.attn2",), families=("LTXVideoTransformer3DModel",),
                notes="text is a masked cross-attention context: replicated; per-token timesteps split with the video"),
     FamilyPlan("cogvideox", {"": {"image_rotary_emb": Split(0, 2)},
-                             "transformer_blocks.0": {"hidden_states": Split(1, 3), "encoder_hidden_states": Split(1, 3)},
-                             "proj_out": Gather(1, 3)}, families=("CogVideoXTransformer3DModel",),
+                             "transformer_blocks.0": {"hidden_states": Split(1, 3)},
+                             "proj_out": Gather(1, 3)}, joint="front", families=("CogVideoXTransformer3DModel",),
                notes="text and video are embedded together; split after the embedding, at the first block"),
     FamilyPlan("hunyuanvideo", {"x_embedder": {0: Split(1, 3)}, "rope": {0: Split(0, 2), 1: Split(0, 2)},
                                 "proj_out": Gather(1, 3)},
@@ -168,8 +169,8 @@ _PLANS = [
                notes="condition tokens (text, glyph text, image) replicated at the rear; square padding mask applied "
                      "locally"),
     # SD3/SD3.5 and PixArt patch-embed an image: split the embedding's output, not the latent.
-    FamilyPlan("sd3", {"pos_embed": {0: Split(1, 3)}, "context_embedder": {0: Split(1, 3)},
-                       "proj_out": Gather(1, 3)}, families=("SD3Transformer2DModel",),
+    FamilyPlan("sd3", {"pos_embed": {0: Split(1, 3)}, "proj_out": Gather(1, 3)}, joint="rear",
+               families=("SD3Transformer2DModel",),
                notes="joint attention over [image, text]; SD3.5's second (image-only) attention is routed too"),
     FamilyPlan("pixart", {"pos_embed": {0: Split(1, 3)}, "proj_out": Gather(1, 3)},
                cross_attention=("transformer_blocks.*.attn2",), families=("PixArtTransformer2DModel",),

@@ -438,7 +438,8 @@ class TransformerRuntime:
                              f"the transformer once per branch, like Wan or true CFG); turn cfg_parallel off and use "
                              f"sequence parallelism over all ranks")
         half, r = batch // 2, self.ctx.cfg_rank
-        token_dim0 = {n for n, s in self._top.items() if s.dim % s.ndim == 0}  # e.g. Flux's ids: not a batch dim
+        # position ids (Flux's img_ids/txt_ids: tokens along dim 0) are not batched
+        token_dim0 = {n for n, s in self._top.items() if s.dim % s.ndim == 0} | {n for n in arguments if n.endswith("_ids")}
 
         def split(v):
             if isinstance(v, torch.Tensor) and v.ndim > 0 and v.shape[0] == batch:
