@@ -74,7 +74,8 @@ def _check(results):
 def test_families_two_ranks():
     cases = [(f, s, {}, {}) for f in FAMILIES for s in ("ring", "ulysses", "patch") if f != "qwenimage" or s != "ulysses"]
     cases += [("wan", "ring", {}, {"per_token_timestep": True}),  # Wan 2.2 TI2V: per-token timesteps
-              ("hunyuanvideo", "ulysses", {}, {"text_pad": 0})]  # no padding mask (the default pads 2 tokens)
+              ("hunyuanvideo", "ulysses", {}, {"text_pad": 0}),  # no padding mask (the default pads 2 tokens)
+              ("qwenimage", "ring", {}, {"text_pad": 2})]  # a padded prompt: its mask applies to whole text
     compressed = [(f, "ring", {"compression": "binary"}, {}) for f in ("flux2", "wan", "hunyuanvideo")]
     results = run_distributed(_family_worker, 2, cases + compressed, timeout=600)
     _check([[r for r in rows if r["kwargs"] == "{}"] for rows in results])
