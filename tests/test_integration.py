@@ -117,7 +117,7 @@ def _worker(rank, world):
     cf.parallelize(pipe, cf.ParallelConfig(strategy="ring"))
     out = pipe(**kw()).frames
     st = cf.stats(pipe)
-    res["wan22"] = dict(diff=float(np.abs(np.asarray(out) - np.asarray(ref)).max()), plans=st["plans"],
+    res["wan22"] = dict(diff=float(np.abs(np.asarray(out) - np.asarray(ref)).max()), plans=st["plans"], steps=st["steps"],
                         calls=st["transformer_calls"], branches=st["branches"])
     cf.unparallelize(pipe)
 
@@ -188,6 +188,7 @@ def test_wan22_two_transformers(results):
         assert w["diff"] <= 1e-4, w
         assert set(w["plans"]) == {"transformer", "transformer_2"}, w
         assert w["calls"] == 8 and w["branches"] >= 4, w  # cond+uncond per step, streams per transformer
+        assert w["steps"] == 4, w  # denoising steps over both transformers
 
 
 def test_request_batches_match_single_requests(results):

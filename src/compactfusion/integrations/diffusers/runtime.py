@@ -360,7 +360,7 @@ class TransformerRuntime:
                 self.owner.reset()  # a bare transformer whose timestep rose again: a new generation
             self.step += 1
             self.branch = 0
-            self.owner.on_step(self.step)
+            self.owner.on_step()
         self._timestep = t.clone() if isinstance(t, torch.Tensor) else t
 
     def _went_back(self, t) -> bool:
@@ -473,6 +473,7 @@ class ModelRuntime:
         self.request_rows: list | None = None
         self._hook = _test_hook(getattr(ctx, "rank", 0))
         self._pending_agreement = bare
+        self._step = -1
         self.transformers: list[TransformerRuntime] = []
         try:
             for i, ((name, t), plan) in enumerate(zip(transformers, plans)):
@@ -483,16 +484,18 @@ class ModelRuntime:
 
     @property
     def step(self) -> int:
-        """The newest denoising step index of this generation (-1 before the first)."""
-        return max(t.step for t in self.transformers)
+        """The denoising step index of this generation (-1 before the first), over all its transformers."""
+        return self._step
 
     @property
     def num_attention_layers(self) -> int:
         return sum(t.attention_layers for t in self.transformers)
 
-    def on_step(self, step: int) -> None:
+    def on_step(self) -> None:
+        """A transformer started a new step (Wan 2.2: one transformer per step, each counting its own)."""
+        self._step += 1
         if self._hook is not None:
-            self._hook(step)
+            self._hook(self._step)
 
     def before_call(self, rt: TransformerRuntime, arguments: dict) -> None:
         if self._pending_agreement:  # bare transformer: agree on the first call of each generation
@@ -512,6 +515,7 @@ class ModelRuntime:
         self.ctx.reset()
         for t in self.transformers:
             t.reset()
+        self._step = -1
         self._pending_agreement = self.bare
 
     def begin_generation(self, call_args: dict) -> None:
