@@ -25,10 +25,11 @@ def _transformers(obj) -> list[tuple[str, torch.nn.Module]]:
     if isinstance(obj, torch.nn.Module):
         return [("transformer", obj)]
     comps = getattr(obj, "components", None)
+    if not isinstance(comps, dict) and isinstance(getattr(obj, "transformer", None), torch.nn.Module):
+        comps = {"transformer": obj.transformer}  # a pipeline-like object without diffusers' registry
     if not isinstance(comps, dict):
         raise TypeError(f"parallelize takes a diffusers pipeline or a diffusers transformer, got {type(obj).__name__}")
-    found = [(n, m) for n, m in comps.items() if n.startswith("transformer") and isinstance(m, torch.nn.Module)
-             and any(is_attention(x) for x in unwrap_model(m).modules())]
+    found = [(n, m) for n, m in comps.items() if n.startswith("transformer") and isinstance(m, torch.nn.Module)]
     if not found:
         raise ValueError(f"{type(obj).__name__} has no transformer component; compactfusion parallelizes "
                          f"diffusion-transformer pipelines (Flux, SD3, Wan, ...), not UNet pipelines")

@@ -218,7 +218,7 @@ def plan_for(transformer, user_plan=None) -> FamilyPlan:
         check_plan(plan, f"{cls}._cp_plan")
         return FamilyPlan(f"diffusers:{cls}", plan, cross_attention=_cross_default(model))
     supported = ", ".join(sorted(PLANS))
-    raise ValueError(f"compactfusion has no sharding plan for {cls}: pass one with ParallelConfig(plan={{...}}) "
+    raise ValueError(f"compactfusion cannot parallelize {cls}: it has no sharding plan; pass one with ParallelConfig(plan={{...}}) "
                      f"(see compactfusion.integrations.diffusers.plans); built-in plans: {supported}")
 
 

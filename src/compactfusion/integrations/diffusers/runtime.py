@@ -218,6 +218,9 @@ class TransformerRuntime:
                 f"plan {self.plan.name!r}: {what} masks some tokens (padded text); masks over sharded tokens are not "
                 f"supported by the sequence-parallel strategies: pass one prompt per call, or prompts without padding")
         total = int(x.shape[dim])
+        if total < self.ctx.seq_world:  # decided on the global length: every rank refuses together
+            raise ValueError(f"plan {self.plan.name!r}: {what} has {total} tokens, which cannot be split over "
+                             f"{self.ctx.seq_world} sequence-parallel ranks; use a larger image or fewer ranks")
         local = self.ctx.shard_seq(x, dim)
         call = self.call
         if call is None:
