@@ -21,14 +21,6 @@ ROOT = Path(__file__).resolve().parent.parent
 CONSOLE = ROOT / ".venv" / "bin" / "compactfusion"
 
 
-@pytest.fixture(scope="module")
-def digits_dir(tmp_path_factory):
-    from compactfusion.bundled.digits import build_digits_pipeline, save_digits_pipeline
-    d = tmp_path_factory.mktemp("digits")
-    save_digits_pipeline(build_digits_pipeline(0), d)
-    return str(d)
-
-
 def _launch(digits_dir, tmp_path, *extra):
     env = dict(os.environ, OMP_NUM_THREADS="1", COMPACTFUSION_TEST_STEP_FILE=str(tmp_path / "step.{rank}"))
     cmd = [str(CONSOLE), "generate", "--model", digits_dir, "--nproc", "2", "--steps", "400", "--codec", "binary",

@@ -24,14 +24,6 @@ CONSOLE = ROOT / ".venv" / "bin" / "compactfusion"
 STEPS = 4
 
 
-@pytest.fixture(scope="module")
-def digits_dir(tmp_path_factory):
-    from compactfusion.bundled.digits import build_digits_pipeline, save_digits_pipeline
-    d = tmp_path_factory.mktemp("digits")
-    save_digits_pipeline(build_digits_pipeline(0), d)
-    return str(d)
-
-
 # ---------------------------------------------------------------------------------------------- 2-rank spawn
 def _two_rank_checks(rank, world, digits_dir):
     import torch
