@@ -1,4 +1,5 @@
-"""Load a pipeline offline: the bundled digits model, a digits folder, or a diffusers folder / cached hub id."""
+"""Load a pipeline offline: a bundled model (digits, or ``bundled:video-digits``), a folder of one, or a diffusers
+folder / cached hub id."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -6,11 +7,21 @@ from pathlib import Path
 import torch
 
 from .bundled.digits import DigitsPipeline, is_digits_folder, load_digits_pipeline
+from .bundled.video_digits import VideoDigitsPipeline, is_video_digits_folder, load_video_digits_pipeline
+
+#: ``--model`` names of the bundled models (``None`` is the digits model).
+BUNDLED_DIGITS, BUNDLED_VIDEO = "bundled:digits", "bundled:video-digits"
+
+
+def is_video_model(model: str | None) -> bool:
+    return model == BUNDLED_VIDEO or (model is not None and Path(model).is_dir() and is_video_digits_folder(model))
 
 
 def load_pipeline(model: str | None, dtype: torch.dtype, device: torch.device):
-    if model is None or (Path(model).is_dir() and is_digits_folder(model)):
-        pipe = load_digits_pipeline(model, torch_dtype=dtype)
+    if is_video_model(model):
+        pipe = load_video_digits_pipeline(None if model == BUNDLED_VIDEO else model, torch_dtype=dtype)
+    elif model in (None, BUNDLED_DIGITS) or (Path(model).is_dir() and is_digits_folder(model)):
+        pipe = load_digits_pipeline(None if model == BUNDLED_DIGITS else model, torch_dtype=dtype)
     else:
         from diffusers import DiffusionPipeline
         try:
@@ -41,7 +52,7 @@ def call_kwargs(pipe, prompt, steps: int, seed: int, height=None, width=None, gu
 
 def spatial_factor(pipe) -> int:
     """Height/width must be multiples of this (VAE downsampling x transformer patch x Flux packing)."""
-    if isinstance(pipe, DigitsPipeline):
+    if isinstance(pipe, (DigitsPipeline, VideoDigitsPipeline)):
         return 2
     vae = getattr(pipe, "vae_scale_factor", 8)
     patch = getattr(getattr(pipe.transformer, "config", None), "patch_size", 1) or 1

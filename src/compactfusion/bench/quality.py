@@ -526,7 +526,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "(e.g. 1: their rank is then per image, not shared by the batch)")
     p.add_argument("--codecs", default=",".join(CODECS))
     p.add_argument("--methods", default=None, help="comma list of method names to keep (default: all)")
-    p.add_argument("--model", default=None, help="digits pipeline folder (default: the bundled model)")
+    p.add_argument("--model", default=None, help="digits (default: the bundled model), video (the bundled video "
+                   "model: bench/quality_video.py, its own flags) or a digits pipeline folder")
     p.add_argument("--quick", action="store_true", help="4 seeds, 8 steps, W=2, no order-2 / extra variants")
     p.add_argument("--grid-seeds", type=int, default=10)
     p.add_argument("--no-peers", action="store_true", help="skip diffusers' native context parallelism")
@@ -773,7 +774,13 @@ def markdown(rows, curves, timing, a, files) -> str:
 
 
 def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if build_parser().parse_known_args(argv)[0].model == "video":  # the bundled video model has its own bench
+        from .quality_video import main as video_main
+        return video_main(argv)
     a = build_parser().parse_args(argv)
+    if a.model == "digits":
+        a.model = None
     if a.quick:
         a.seeds, a.steps, a.world = min(a.seeds, 4), min(a.steps, 8), 2 if a.world == 4 else a.world
         a.grid_seeds = min(a.grid_seeds, a.seeds)

@@ -1,4 +1,4 @@
-"""``compactfusion`` command line: generate, train-digits, bench <name>.
+"""``compactfusion`` command line: generate, train-digits, train-video-digits, bench <name>.
 
 User errors print one line on stderr and exit with code 2 (never a traceback).
 """
@@ -26,6 +26,7 @@ commands:
   generate        run a (parallel) generation; `compactfusion generate --help`
   serve           serve the model over an OpenAI-compatible HTTP API; `compactfusion serve --help`
   train-digits    train the bundled digits model
+  train-video-digits  train the bundled video model (moving digits)
   bench NAME      benchmarks: {benches}
 """.format(benches=", ".join(BENCHES))
 
@@ -65,12 +66,16 @@ def main(argv=None) -> int:
     if cmd == "train-digits":
         from ..bundled.digits_train import main as train_main
         return run_guarded(train_main, rest)
+    if cmd == "train-video-digits":
+        from ..bundled.video_digits_train import main as train_video_main
+        return run_guarded(train_video_main, rest)
     if cmd == "bench":
         if not rest or rest[0] not in BENCHES:
             return fail(f"bench needs one of: {', '.join(BENCHES)}")
         module = importlib.import_module(BENCHES[rest[0]])
         return run_guarded(module.main, rest[1:])
-    return fail(f"unknown command {cmd!r}; use one of: generate, serve, train-digits, bench")
+    return fail(f"unknown command {cmd!r}; use one of: generate, serve, train-digits, "
+                f"train-video-digits, bench")
 
 
 if __name__ == "__main__":

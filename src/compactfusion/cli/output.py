@@ -37,6 +37,14 @@ def save_image_atomic(image, path: Path) -> None:
     write_atomic(path, buf.getvalue())
 
 
+def save_video_atomic(frames, path: Path, fps: float = 8.0) -> None:
+    """Save a list of PIL frames as a looping GIF, atomically (8-bit grayscale frames stay lossless)."""
+    import io
+    buf = io.BytesIO()
+    frames[0].save(buf, format="GIF", save_all=True, append_images=list(frames[1:]), duration=round(1000 / fps), loop=0)
+    write_atomic(path, buf.getvalue())
+
+
 def prepare_out(out: Path, overwrite: bool) -> None:
     """Create ``out``; remove an earlier run's results when ``overwrite`` (validation refused them otherwise)."""
     out.mkdir(parents=True, exist_ok=True)

@@ -21,7 +21,7 @@ MAX_SIDE = 8_192  # pixels per side
 MAX_IMAGES = 64  # images per prompt
 MAX_PROMPT_CHARS = 10_000
 #: Files of a run that a re-run into the same folder would mix with its own.
-RESULT_GLOBS = ("report.json", "image_*.png", "reference_*.png")
+RESULT_GLOBS = ("report.json", "image_*.png", "reference_*.png", "video_*.gif", "reference_*.gif")
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 _WEIGHTS = ("*.safetensors", "*.bin", "*.safetensors.index.json", "*.bin.index.json")
 
@@ -33,7 +33,7 @@ def short(value, limit: int = 60) -> str:
 
 
 class ModelInfo(NamedTuple):
-    kind: str  # "digits", "diffusers" or "hub"
+    kind: str  # "digits", "video-digits", "diffusers" or "hub"
     path: Path | None
     pipeline_class: str
     heads: int | None  # the transformer's attention heads, when its config.json says
@@ -54,7 +54,13 @@ def _heads(config: Path) -> int | None:
 def inspect_model(model: str | None) -> ModelInfo:
     """What ``--model`` names, from files only. A string that exists on disk is always a local folder (never
     resolved against the network); a hub id must already be in the local cache."""
-    if model is None:
+    if model == "bundled:video-digits":
+        from ..bundled.video_digits import BUNDLED_VIDEO_DIR, MARKER
+        if not (BUNDLED_VIDEO_DIR / MARKER).is_file():
+            raise UsageError("the bundled video-digits model is not installed; pass --model DIR (a video-digits "
+                             "folder) or create it with `compactfusion train-video-digits --out DIR`")
+        return _video_digits(BUNDLED_VIDEO_DIR, "bundled video-digits model")
+    if model is None or model == "bundled:digits":
         if not BUNDLED_MARKER.is_file():
             raise UsageError("the bundled digits model is not installed; pass --model DIR (a diffusers or digits "
                              "folder) or create it with `compactfusion train-digits --out DIR`")
@@ -67,6 +73,8 @@ def inspect_model(model: str | None) -> ModelInfo:
             raise UsageError(f"--model {short(model)} is a file; pass the pipeline's folder")
         if (path / "digits_pipeline.json").is_file():
             return _digits(path, f"--model {short(model)}")
+        if (path / "video_digits_pipeline.json").is_file():
+            return _video_digits(path, f"--model {short(model)}")
         if (path / "model_index.json").is_file():
             return _diffusers(path, model)
         raise UsageError(f"--model folder {short(model)} has neither model_index.json (a diffusers pipeline) nor "
@@ -91,6 +99,17 @@ def _digits(path: Path, what: str) -> ModelInfo:
         raise UsageError(f"{what} is an incomplete digits folder (missing {', '.join(missing)}); save one with "
                          f"`compactfusion train-digits --out DIR`")
     return ModelInfo("digits", path, "DigitsPipeline", _heads(path / "transformer" / "config.json"))
+
+
+def _video_digits(path: Path, what: str) -> ModelInfo:
+    needed = ["video_digits_pipeline.json", "transformer/config.json", "label_embedder/config.json",
+              "scheduler/scheduler_config.json"]
+    missing = [f for f in needed if not (path / f).is_file()]
+    missing += [f"{d}/ weights" for d in ("transformer", "label_embedder") if not _has_weights(path / d)]
+    if missing:
+        raise UsageError(f"{what} is an incomplete video-digits folder (missing {', '.join(missing)}); save one with "
+                         f"`compactfusion train-video-digits --out DIR`")
+    return ModelInfo("video-digits", path, "VideoDigitsPipeline", _heads(path / "transformer" / "config.json"))
 
 
 def _diffusers(path: Path, model: str, kind: str = "diffusers") -> ModelInfo:
@@ -181,17 +200,19 @@ def check_model_args(a, cfg, world: int, info: ModelInfo) -> None:
     if info.heads is not None and info.heads % mesh.ulysses:
         raise UsageError(f"the model has {info.heads} attention heads, which a Ulysses degree of {mesh.ulysses} does "
                          f"not divide; use a --ulysses-degree that divides {info.heads} (e.g. --strategy usp)")
-    if info.kind == "digits":
+    if info.kind in ("digits", "video-digits"):
         from ..bundled.digits import IMAGE_SIZE, PACK, parse_label
+        from ..bundled.video_digits import FRAME_SIZE, NUM_FRAMES
         try:
             parse_label(a.prompt)
         except (TypeError, ValueError):
             raise UsageError(f"--prompt: the bundled digits model takes a single digit 0-9, got {short(a.prompt)}") from None
-        h, w = a.height or IMAGE_SIZE, a.width or IMAGE_SIZE
+        side, frames = (IMAGE_SIZE, 1) if info.kind == "digits" else (FRAME_SIZE, NUM_FRAMES)
+        h, w = a.height or side, a.width or side
         for name, v in (("height", h), ("width", w)):
             if v % PACK:
-                raise UsageError(f"--{name} {v} must be a multiple of {PACK} for the digits model")
-        tokens = (h // PACK) * (w // PACK)
+                raise UsageError(f"--{name} {v} must be a multiple of {PACK} for the {info.kind} model")
+        tokens = frames * (h // PACK) * (w // PACK)
         if tokens < mesh.sp:
             raise UsageError(f"a {h}x{w} image has {tokens} tokens, fewer than the {mesh.sp} sequence-parallel "
                              f"ranks; use a larger --height/--width or fewer ranks")

@@ -12,7 +12,7 @@ import torch.distributed as dist
 
 from .args import UsageError
 from .config import build_configs, torch_dtype
-from .output import prepare_out, save_image_atomic, write_json_atomic
+from .output import prepare_out, save_image_atomic, save_video_atomic, write_json_atomic
 
 
 def _device_and_dtype(a):
@@ -35,6 +35,30 @@ def _to_pil(arr: np.ndarray):
     from PIL import Image
     a = (np.clip(arr, 0, 1) * 255).round().astype(np.uint8)
     return Image.fromarray(a[..., 0] if a.shape[-1] == 1 else a)
+
+
+def _outputs(result):
+    """A pipeline result's images, or its videos (``frames``: video pipelines, e.g. bundled:video-digits)."""
+    frames = getattr(result, "frames", None)
+    return frames if frames is not None else result.images
+
+
+def _save(arr, out: Path, stem: str, i: int) -> str:
+    """One output: a PNG for an image (H, W, C), an animated GIF for a video (F, H, W, C). Returns the file name."""
+    arr = np.asarray(arr)
+    if arr.ndim == 4:
+        name = f"{'video' if stem == 'image' else stem}_{i}.gif"
+        save_video_atomic([_to_pil(f) for f in arr], out / name)
+    else:
+        name = f"{stem}_{i}.png"
+        save_image_atomic(_to_pil(arr), out / name)
+    return name
+
+
+def _ssim(ref, img, ssim) -> float:
+    """SSIM of an image, or the mean over the frames of a video."""
+    ref, img = np.asarray(ref), np.asarray(img)
+    return float(np.mean([ssim(r, x) for r, x in zip(ref, img)])) if ref.ndim == 4 else ssim(ref, img)
 
 
 def _test_nan_hook(pipe, rank: int) -> None:
@@ -104,7 +128,7 @@ def run_worker(a) -> int:
             pipe.set_progress_bar_config(disable=True)
         _test_nan_hook(pipe, rank)
         start = time.perf_counter()
-        images = pipe(**kwargs).images
+        images = _outputs(pipe(**kwargs))
         wall = time.perf_counter() - start
         per_rank = _gather(stats(pipe) if world > 1 else {}, world)
         wall = max(_gather(wall, world))
@@ -120,23 +144,21 @@ def run_worker(a) -> int:
         if rank != 0:
             return 0
         prepare_out(out, a.overwrite)
-        names = []
-        for i, img in enumerate(images):
-            save_image_atomic(_to_pil(img), out / f"image_{i}.png")
-            names.append(f"image_{i}.png")
-        report["images"] = names
+        report["images"] = [_save(img, out, "image", i) for i, img in enumerate(images)]
         if a.reference:
             if world > 1:
                 unparallelize(pipe)
+                if cfg.strategy == "pipefusion":  # its stage released the other stages' weights: load afresh
+                    pipe = load_pipeline(a.model, dtype, device)
             pipe.set_progress_bar_config(disable=True)
             kwargs = call_kwargs(pipe, a.prompt, a.steps, a.seed, a.height, a.width, a.guidance_scale, a.num_images)
             start = time.perf_counter()
-            refs = pipe(**kwargs).images
+            refs = _outputs(pipe(**kwargs))
             report["reference_wall_time_s"] = round(time.perf_counter() - start, 4)
             for i, ref in enumerate(refs):
-                save_image_atomic(_to_pil(ref), out / f"reference_{i}.png")
+                _save(ref, out, "reference", i)
             report["psnr_vs_reference"] = float(np.mean([finite_psnr(psnr(r, x)) for r, x in zip(refs, images)]))
-            report["ssim_vs_reference"] = round(float(np.mean([ssim(r, x) for r, x in zip(refs, images)])), 5)
+            report["ssim_vs_reference"] = round(float(np.mean([_ssim(r, x, ssim) for r, x in zip(refs, images)])), 5)
             report["max_abs_diff_vs_reference"] = float(max(np.abs(r - x).max() for r, x in zip(refs, images)))
         write_json_atomic(out / "report.json", report)  # last: a folder with report.json is a finished run
         if not a.quiet:
