@@ -42,6 +42,8 @@ def add_common_args(p) -> None:
     par.add_argument("--ulysses-degree", type=int, default=None)
     par.add_argument("--ring-degree", type=int, default=None)
     par.add_argument("--cfg-parallel", action="store_true")
+    par.add_argument("--num-patches", type=int, default=None, metavar="M",
+                     help="pipefusion: image patches per step (>= the number of stages; default one per stage)")
     par.add_argument("--timeout", type=float, default=60.0,
                      help=f"seconds before a collective is declared dead ({TIMEOUT_RANGE_S[0]:g}..{TIMEOUT_RANGE_S[1]:g})")
     par.add_argument("--check-consistency", type=int, default=0, metavar="K",
@@ -124,6 +126,11 @@ def build_configs(a, world: int):
     if strategy != "usp" and (a.ulysses_degree or a.ring_degree) and not (strategy == "ulysses" and a.ring_degree in (None, 1)) \
             and not (strategy == "ring" and a.ulysses_degree in (None, 1)):
         raise UsageError("--ulysses-degree/--ring-degree combine only with --strategy usp (or the matching single strategy)")
+    patches = getattr(a, "num_patches", None)
+    if patches is not None and strategy != "pipefusion":
+        raise UsageError("--num-patches applies to --strategy pipefusion only")
+    if patches is not None and patches < 1:
+        raise UsageError(f"--num-patches must be >= 1, got {patches}")
     if a.codec == "none" and (a.no_error_feedback or a.residual != 1):
         raise UsageError("--residual/--no-error-feedback only make sense with a --codec; add e.g. --codec binary")
     link = LinkModel(bandwidth=a.bandwidth, latency=a.latency, mode=a.link_mode)
@@ -138,6 +145,6 @@ def build_configs(a, world: int):
         compression = CompressionConfig(codec=a.codec, **coder)
     cfg = ParallelConfig(strategy=strategy, compression=compression, link=link, ulysses_degree=a.ulysses_degree,
                          ring_degree=a.ring_degree, cfg_parallel=a.cfg_parallel, timeout_s=a.timeout,
-                         check_consistency_every=a.check_consistency)
+                         check_consistency_every=a.check_consistency, num_patches=patches)
     cfg.resolve(world)
     return cfg, compression, link

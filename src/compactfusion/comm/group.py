@@ -58,6 +58,8 @@ __all__ = ["Communicator", "CommHandle", "MeshGroup", "mesh_partition", "make_me
            "make_mesh_communicators", "summary_all_ranks"]
 
 _MAX_TAG = 2**31 - 1
+#: Pairwise (pipeline) messages use tags of their own: [3 * 2**29, 4 * 2**29).
+_PAIR_TAG_BASE, _PAIR_TAG_SPAN = 3 << 29, 1 << 29
 #: Largest control object accepted (a peer's length field must not make this rank allocate at will).
 MAX_CONTROL_BYTES = 64 * 2**20
 _REDUCE_OPS = {"sum": torch.add, "max": torch.maximum, "min": torch.minimum, "prod": torch.mul}
@@ -146,6 +148,8 @@ class Communicator:
         self._owns_group = owns_group
         self._seq = 0
         self._tag_base = 0  # temporary communicators on a shared group use a disjoint tag range
+        self._pair_seq: dict[tuple[int, int], int] = {}  # (sender, receiver) -> messages issued (pair ops)
+        self._pair_busy: dict[int, float] = {}  # sleep mode: when each sender's modelled link is free again
         self._broken: CommError | None = None
         self.backends = backend_map(group)  # {device type: backend}, e.g. {"cpu": "gloo", "cuda": "nccl"}
 
@@ -418,6 +422,60 @@ class Communicator:
         works = self._start_p2p(ctx, [(dst, self._stage(send).reshape(-1))], [(src, wire_out)], tag)
         modeled = self._account(ctx, [(self.ranks[dst], nbytes, unc)], warmup)
         return CommHandle(self, ctx, works, finish, modeled, nbytes)
+
+    # -- pairwise ops (pipelines): matched per (sender, receiver) pair, not per group ------------
+    def _pair_tag(self, src: int, dst: int) -> int:
+        key = (src, dst)
+        n = self._pair_seq.get(key, 0)
+        self._pair_seq[key] = n + 1
+        return _PAIR_TAG_BASE + n % _PAIR_TAG_SPAN
+
+    def pair_send(self, payload: torch.Tensor, dst: int, *, layer: Any = None, step: Any = None,
+                  tensor: Any = "data", uncompressed_nbytes: int | None = None, warmup: bool = False) -> CommHandle:
+        """Start sending 1-D uint8 ``payload`` to group rank ``dst`` only.
+
+        Unlike the other ops this is not collective over the group: only ``dst`` must post the matching
+        :meth:`pair_recv`. Messages of one (sender, receiver) pair pair up in the order they were issued
+        (their tags come from a per-pair sequence, in a range of their own), whatever the other members
+        do meanwhile. ``wait()`` returns once the message has left (within the timeout)."""
+        ctx = self._ctx("pair_send", layer, step, tensor)
+        payload = _check_bytes(payload, "payload")
+        if not (isinstance(dst, int) and 0 <= dst < self.size and dst != self.rank):
+            raise ValueError(f"{ctx.describe()}: dst={dst!r} must be another group rank index in [0, {self.size})")
+        tag = self._pair_tag(self.rank, dst)
+        n = payload.numel()
+        works = self._start_p2p(ctx, [(dst, self._stage(payload))], [], tag) if n else []
+        unc = n if uncompressed_nbytes is None else int(uncompressed_nbytes)
+        self._account(ctx, [(self.ranks[dst], n, unc)], warmup)
+        # The link time is paid by the receiver (see pair_recv): the sender's NIC works while it computes.
+        return CommHandle(self, ctx, works, lambda: None, 0.0, n)
+
+    def pair_recv(self, nbytes: int, src: int, *, layer: Any = None, step: Any = None, tensor: Any = "data",
+                  device: torch.device | str | None = None) -> CommHandle:
+        """Start receiving ``nbytes`` bytes from group rank ``src`` (its matching :meth:`pair_send`);
+        ``wait()`` returns them as a 1-D uint8 tensor on ``device`` (default: the control device)."""
+        ctx = self._ctx("pair_recv", layer, step, tensor)
+        if not (isinstance(src, int) and 0 <= src < self.size and src != self.rank):
+            raise ValueError(f"{ctx.describe()}: src={src!r} must be another group rank index in [0, {self.size})")
+        dev = torch.device(device) if device is not None else self.control_device
+        out = torch.empty(int(nbytes), dtype=torch.uint8, device=dev)
+        tag = self._pair_tag(src, self.rank)
+        wire = self._stage(out)
+        works = self._start_p2p(ctx, [], [(src, wire)], tag) if out.numel() else []
+
+        cost = self.link.cost(out.numel()) if (self.link.mode == "sleep" and out.numel()) else 0.0
+
+        def finish():
+            if wire is not out:
+                out.copy_(wire)
+            if cost:  # sleep mode: the sender's link carries its messages one after another
+                arrival = max(time.monotonic(), self._pair_busy.get(src, 0.0)) + cost
+                self._pair_busy[src] = arrival
+                rest = arrival - time.monotonic()
+                if rest > 0:
+                    time.sleep(rest)
+            return out
+        return CommHandle(self, ctx, works, finish, 0.0, 0)
 
     # -- control ops (not data bytes: counted as control, never in the link model) ---------------
     def all_reduce(self, x: torch.Tensor, op: str = "sum", *, what: str = "control") -> torch.Tensor:

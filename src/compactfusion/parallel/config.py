@@ -58,7 +58,8 @@ class ParallelConfig:
 
     strategy: "none" (one device per sequence), "patch" (synchronous K/V all-gather), "distrifusion"
         (K/V all-gather one step stale, overlapped with compute), "ring" (p2p ring attention), "ulysses"
-        (all-to-all sequence <-> heads) or "usp" (Ulysses inside, ring outside).
+        (all-to-all sequence <-> heads), "usp" (Ulysses inside, ring outside) or "pipefusion" (the blocks split
+        into pipeline stages, the image into patches; only stage-boundary activations travel).
     compression: a ``CompressionConfig`` (or a codec spec string such as "binary"); None = uncompressed.
     link: the modelled link (``LinkModel``); None = no modelling (bytes are still counted).
     ulysses_degree, ring_degree: mesh sizes for "usp" (product = sequence-parallel world); for "ulysses"
@@ -68,6 +69,8 @@ class ParallelConfig:
     stale_warmup_steps: "distrifusion" runs synchronously (exactly) for the first steps.
     check_consistency_every: K > 0 checks every stream's state across ranks at the first attention call
         of each step t with t % K == 0 (i.e. the state after step t-1); 0 disables.
+    pipefusion_degree: "pipefusion" stages (= the world per CFG half; None = derived).
+    num_patches: "pipefusion" patches per step (M >= stages; None = the number of stages).
     plan: a sharding plan for the diffusers integration (``{module path: {argument: Split} | Gather}``, see
         ``compactfusion.integrations.diffusers.plans``); None = the built-in plan of the model's family.
     """
@@ -82,6 +85,8 @@ class ParallelConfig:
     stale_warmup_steps: int = 1
     check_consistency_every: int = 0
     plan: Any = None
+    pipefusion_degree: Union[int, None] = None
+    num_patches: Union[int, None] = None
 
     def __post_init__(self):
         if self.strategy not in STRATEGIES:
@@ -119,6 +124,27 @@ class ParallelConfig:
                              f"strategy='usp' to combine Ulysses and ring)")
         if self.strategy == "ulysses" and self.ring_degree not in (None, 1):
             raise ValueError("strategy 'ulysses' uses no ring; set ring_degree=None (or use strategy='usp')")
+        _degree(self.pipefusion_degree, "pipefusion_degree")
+        _degree(self.num_patches, "num_patches")
+        if self.strategy == "pipefusion":
+            if self.ulysses_degree not in (None, 1) or self.ring_degree not in (None, 1):
+                raise ValueError("strategy 'pipefusion' runs one pipeline stage per rank; sequence parallelism inside "
+                                 "a stage (ulysses_degree / ring_degree) is not supported yet: leave both None")
+            if self.stale_warmup_steps < 1:
+                raise ValueError("strategy 'pipefusion' needs stale_warmup_steps >= 1: the first step runs the whole "
+                                 "image synchronously to fill every stage's K/V buffers")
+            comp = self.compression
+            if comp is not None and comp.tensors is not None and "hidden" not in comp.tensors:
+                raise ValueError(f"strategy 'pipefusion' sends only stage activations ('hidden'); "
+                                 f"CompressionConfig(tensors={comp.tensors!r}) names tensors it never sends: use "
+                                 f"tensors=None or ('hidden',)")
+            if self.num_patches is not None and self.pipefusion_degree is not None \
+                    and self.num_patches < self.pipefusion_degree:
+                raise ValueError(f"num_patches={self.num_patches} must be >= pipefusion_degree="
+                                 f"{self.pipefusion_degree} (fewer patches than stages leaves stages idle)")
+        elif self.pipefusion_degree is not None or self.num_patches is not None:
+            raise ValueError(f"pipefusion_degree and num_patches apply to strategy 'pipefusion' only (strategy is "
+                             f"{self.strategy!r}); leave them None")
         if self.strategy == "none" and (self.ulysses_degree not in (None, 1) or self.ring_degree not in (None, 1)):
             raise ValueError("strategy 'none' runs attention locally; leave ulysses_degree and ring_degree as None")
 
@@ -149,6 +175,14 @@ class ParallelConfig:
                 raise ValueError(f"strategy 'none' needs a sequence-parallel world of 1, got {sp} ({where}); "
                                  f"pick a parallel strategy such as 'ring' or run {cfg} process(es)")
             return Mesh(cfg, 1, 1)
+        if REGISTRY[self.strategy].mesh == "pipe":  # the stages take the ring dimension
+            p = self.pipefusion_degree
+            if p not in (None, sp):
+                raise ValueError(f"pipefusion: pipefusion_degree={p} must equal the world per CFG half ({sp}, {where}); "
+                                 f"sequence parallelism inside a stage is not supported yet")
+            if self.patches(sp) < sp:
+                raise ValueError(f"pipefusion: num_patches={self.num_patches} must be >= the {sp} stages ({where})")
+            return Mesh(cfg, 1, sp)
         if REGISTRY[self.strategy].mesh == "ring":
             if r not in (None, sp):
                 raise ValueError(f"strategy {self.strategy!r} uses the whole sequence-parallel world ({sp}, {where}) "
@@ -175,6 +209,10 @@ class ParallelConfig:
                              f"sequence-parallel world {sp} ({where})")
         return Mesh(cfg, u, r)
 
+    def patches(self, stages: int) -> int:
+        """PipeFusion patches per step for ``stages`` stages (``num_patches``, default one per stage)."""
+        return self.num_patches if self.num_patches is not None else stages
+
     def to_dict(self) -> dict:
         return {"strategy": self.strategy,
                 "compression": None if self.compression is None else self.compression.to_dict(),
@@ -183,7 +221,8 @@ class ParallelConfig:
                 "cfg_parallel": self.cfg_parallel, "timeout_s": self.timeout_s,
                 "stale_warmup_steps": self.stale_warmup_steps,
                 "check_consistency_every": self.check_consistency_every,
-                "plan": None if self.plan is None else repr(self.plan)}
+                "plan": None if self.plan is None else repr(self.plan),
+                "pipefusion_degree": self.pipefusion_degree, "num_patches": self.num_patches}
 
     def fingerprint(self) -> str:
         """Digest of everything ranks must agree on (the compression plan is sampled by its own fingerprint)."""

@@ -28,7 +28,7 @@ from ..comm import ByteLedger, Communicator, make_mesh_groups
 from .config import Mesh, ParallelConfig
 from .errors import CommError, ConfigMismatchError, ConsistencyError, ShapeMismatchError
 from .auto import controller_for, ensure_attention
-from .registry import build_strategy
+from .registry import REGISTRY, build_strategy
 from .sharding import shard_offsets, shard_sizes
 from .streams import StreamCoder, from_bytes, to_bytes
 
@@ -125,6 +125,12 @@ class ParallelContext:
         self.cfg_rank, self.ulysses_rank, self.ring_rank = m.coords(self.rank)
         self.cfg_world, self.seq_world = m.cfg, m.sp
         self.seq_rank = self.ulysses_rank * m.ring + self.ring_rank
+        # PipeFusion: the ring dimension holds the pipeline stages; the runtime sets ``patch`` per pass.
+        self.pipeline = REGISTRY[config.strategy].mesh == "pipe"
+        self.stages = m.ring if self.pipeline else 1
+        self.stage = self.ring_rank if self.pipeline else 0
+        self.num_patches = config.patches(m.ring) if self.pipeline else 1
+        self.patch = None
 
         self._seq_lens: dict = {}  # (group name, branch, layer) -> (own shape signature, [S_local per member])
         self._current_step: int | None = None
@@ -158,10 +164,14 @@ class ParallelContext:
             if every and self._current_step is not None and step > 0 and step % every == 0:
                 self.check_consistency(step - 1)
             self._current_step = step
-        if self.auto is not None:
+        if self.auto is not None and not self.pipeline:  # pipefusion's K/V never travel
             ensure_attention(self, self.auto, q, layer)
         out, joint_out = self.strategy.attention(q, k, v, joint, layer, step)
         return out if joint is None else (out, joint_out)
+
+    def use_branch(self, branch) -> None:
+        """Make ``branch``'s coder and strategy current outside ``attention`` (pipefusion's stage transfers)."""
+        self._select(branch)
 
     def _select(self, branch) -> None:
         """Make ``branch``'s stream coder and strategy instance the current ones (created on first use)."""
@@ -211,6 +221,10 @@ class ParallelContext:
         return lens
 
     # -- sequence / CFG helpers -----------------------------------------------------------------
+    def patch_sizes(self, total: int) -> list[int]:
+        """Tokens per PipeFusion patch for an image of ``total`` tokens (the same uneven rule as ranks)."""
+        return shard_sizes(total, self.num_patches)
+
     def shard_sizes(self, total: int) -> list[int]:
         """Tokens per sequence rank for a sequence of ``total`` tokens (first ``total % W`` get one more)."""
         return shard_sizes(total, self.seq_world)
@@ -345,6 +359,7 @@ class ParallelContext:
         self._select(None)
         self._seq_lens.clear()
         self._current_step = None
+        self.patch = None
         self.ledger.reset()
 
     def summary(self) -> dict:

@@ -17,7 +17,7 @@ class StrategySpec(NamedTuple):
     module: str       # module under compactfusion.parallel
     cls: str          # class name in it
     tensors: tuple    # attention tensors residual-coded when CompressionConfig.tensors is None
-    mesh: str         # which mesh dimension holds the sequence-parallel world: "none", "ring", "ulysses", "usp"
+    mesh: str         # which mesh dimension holds the parallel world: "none", "ring", "ulysses", "usp", "pipe"
 
 
 REGISTRY = MappingProxyType({
@@ -28,6 +28,8 @@ REGISTRY = MappingProxyType({
     # Ulysses also moves Q and the output O through its all-to-alls.
     "ulysses": StrategySpec("ulysses", "UlyssesStrategy", ("q", "k", "v", "o"), "ulysses"),
     "usp": StrategySpec("usp", "USPStrategy", ("q", "k", "v", "o"), "usp"),
+    # Pipeline stages over the ring dimension; only stage-boundary activations travel.
+    "pipefusion": StrategySpec("pipefusion", "PipeFusionStrategy", ("hidden",), "pipe"),
 })
 
 STRATEGIES = tuple(REGISTRY)

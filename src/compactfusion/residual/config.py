@@ -54,7 +54,8 @@ class CompressionConfig:
         sides hold the same deltas, so they compute the same gamma without extra bytes.
     plan: optional callable (layer, step) -> codec spec | "warmup" | "none" overriding the uniform schedule.
         It must be deterministic and identical on every rank.
-    tensors: which attention tensors are compressed ("q", "k", "v", "o"); None = the strategy's default
+    tensors: which attention tensors are compressed ("q", "k", "v", "o"; "hidden" = pipefusion's stage-boundary
+        activations); None = the strategy's default
         (K/V for all-gather and ring strategies, Q/K/V/O for Ulysses).
     state_dtype: storage dtype of the per-stream bases (None = the activation dtype); e.g. "bfloat16" halves
         the state memory of fp32 models.
@@ -104,8 +105,9 @@ class CompressionConfig:
             raise TypeError("plan must be a callable (layer, step) -> codec spec, or None")
         if self.tensors is not None:
             t = tuple(self.tensors)
-            if not t or any(x not in ("q", "k", "v", "o") for x in t):
-                raise ValueError(f"tensors must be a non-empty subset of ('q', 'k', 'v', 'o'), got {self.tensors!r}")
+            if not t or any(x not in ("q", "k", "v", "o", "hidden") for x in t):
+                raise ValueError(f"tensors must be a non-empty subset of ('q', 'k', 'v', 'o') (attention tensors) or "
+                                 f"('hidden',) (pipefusion stage activations), got {self.tensors!r}")
             object.__setattr__(self, "tensors", t)
         if self.state_dtype not in _STATE_DTYPES:
             raise ValueError(f"state_dtype must be one of {_STATE_DTYPES}, got {self.state_dtype!r}")

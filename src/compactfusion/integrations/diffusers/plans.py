@@ -36,7 +36,7 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Mapping, Union
 
-__all__ = ["Split", "Gather", "FamilyPlan", "PLANS", "plan_for", "from_diffusers_plan", "unwrap_model",
+__all__ = ["Split", "Gather", "FamilyPlan", "Stages", "PLANS", "plan_for", "from_diffusers_plan", "unwrap_model",
            "check_plan"]
 
 
@@ -63,6 +63,24 @@ PlanEntry = Union[Mapping, Gather]
 
 
 @dataclass(frozen=True)
+class Stages:
+    """Where ``strategy="pipefusion"`` may cut a model into pipeline stages.
+
+    ``blocks``: the block lists (``ModuleList`` paths) in execution order; ``carry``: the block inputs that
+    hold the running state from block to block (they travel between stages); ``returns``: the carried
+    inputs in the order a block returns them (one tuple for every list, or ``{list path: tuple}``).
+    """
+
+    blocks: tuple
+    carry: tuple
+    returns: Union[tuple, Mapping] = ()
+
+    def returns_of(self, path: str) -> tuple:
+        r = self.returns.get(path, ()) if isinstance(self.returns, Mapping) else self.returns
+        return tuple(r) or tuple(self.carry)
+
+
+@dataclass(frozen=True)
 class FamilyPlan:
     """A family's plan plus what the hooks need beyond it."""
 
@@ -74,6 +92,7 @@ class FamilyPlan:
     joint_tokens: tuple = ("encoder_hidden_states",)  # the inputs whose dim-1 sizes add up to those tokens
     notes: str = ""
     families: tuple = field(default=())  # class names this plan is for
+    stages: Union[Stages, None] = None  # pipeline cut points (strategy="pipefusion"); None = not supported
 
 
 def check_plan(plan: Mapping, where: str = "plan") -> None:
@@ -133,7 +152,10 @@ def _flux_plan() -> dict:
 
 _PLANS = [
     FamilyPlan("flux", _flux_plan(), joint="front", families=("FluxTransformer2DModel",),
-               notes="FLUX.1 (dev, schnell, Kontext, Fill) and the bundled digits model"),
+               notes="FLUX.1 (dev, schnell, Kontext, Fill) and the bundled digits model",
+               stages=Stages(("transformer_blocks", "single_transformer_blocks"),
+                             carry=("hidden_states", "encoder_hidden_states"),
+                             returns=("encoder_hidden_states", "hidden_states"))),
     FamilyPlan("flux2", {"": {"hidden_states": Split(1, 3), "img_ids": Split(1, 3)}, "proj_out": Gather(1, 3)},
                joint="front", families=("Flux2Transformer2DModel",)),
     FamilyPlan("qwenimage", {"": {"controlnet_block_samples": Split(1, 3)},
@@ -147,7 +169,8 @@ _PLANS = [
                        "": {"timestep": Split(1, 2, optional=True)},  # per-token only in Wan 2.2 TI2V
                        "proj_out": Gather(1, 3)},
                cross_attention=("blocks.*.attn2",), families=("WanTransformer3DModel",),
-               notes="text is a cross-attention context: replicated, never split"),
+               notes="text is a cross-attention context: replicated, never split",
+               stages=Stages(("blocks",), carry=("hidden_states",))),
     FamilyPlan("ltx", {"": {"hidden_states": Split(1, 3), "timestep": Split(1, 2, optional=True)},
                        "rope": {0: Split(1, 3), 1: Split(1, 3)}, "proj_out": Gather(1, 3)},
                cross_attention=("transformer_blocks.*.attn2",), families=("LTXVideoTransformer3DModel",),
@@ -171,7 +194,9 @@ _PLANS = [
     # SD3/SD3.5 and PixArt patch-embed an image: split the embedding's output, not the latent.
     FamilyPlan("sd3", {"pos_embed": {0: Split(1, 3)}, "proj_out": Gather(1, 3)}, joint="rear",
                families=("SD3Transformer2DModel",),
-               notes="joint attention over [image, text]; SD3.5's second (image-only) attention is routed too"),
+               notes="joint attention over [image, text]; SD3.5's second (image-only) attention is routed too",
+               stages=Stages(("transformer_blocks",), carry=("hidden_states", "encoder_hidden_states"),
+                             returns=("encoder_hidden_states", "hidden_states"))),
     FamilyPlan("pixart", {"pos_embed": {0: Split(1, 3)}, "proj_out": Gather(1, 3)},
                cross_attention=("transformer_blocks.*.attn2",), families=("PixArtTransformer2DModel",),
                notes="PixArt-alpha and -sigma; text enters by cross-attention only"),

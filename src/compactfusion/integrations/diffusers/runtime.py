@@ -99,6 +99,7 @@ class _Call:
     ns: object = None
     stream_step: int = 0
     joint_tokens: int = 0  # replicated tokens in each self-attention call (plans with ``joint``)
+    part: tuple = (0, 1)  # pipefusion: (patch, patches of this step); splits take patch p of M, not rank r of W
 
     def local_sums(self) -> set:
         """Token counts a routed call may hold: sums of distinct split lengths (e.g. text shard + image shard)."""
@@ -120,12 +121,18 @@ class TransformerRuntime:
         self.call: _Call | None = None
         self.attention_layers = 0
         self.self_attention_layers = 0
+        self.pipe = None  # StageRuntime under strategy="pipefusion"
+        self._pipe_out = None  # pipefusion: the step's output assembled patch by patch
+        # pipefusion releases other stages' weights: sample them for the agreement while all are here
+        self.weights_sample = _weights_sample(self.model) if self.ctx.pipeline else None
         self.reset()
         try:
             self._install()
         except Exception:
             self.remove()
             raise
+        if self.pipe is not None:
+            self.pipe.release()
 
     # -- per generation ------------------------------------------------------------------------
     def reset(self) -> None:
@@ -179,6 +186,14 @@ class TransformerRuntime:
         if self.self_attention_layers == 0:
             raise ValueError(f"{type(m).__name__} has no diffusers self-attention modules to parallelize")
         self.attention_layers = layer
+        if self.ctx.pipeline:
+            if plan.stages is None:
+                raise ValueError(f"strategy 'pipefusion' needs pipeline stages in the plan, and plan {plan.name!r} "
+                                 f"({type(m).__name__}) has none; built-in stages: flux, wan, sd3 (or give "
+                                 f"FamilyPlan(stages=Stages(...)) via ParallelConfig(plan=...))")
+            from .pipeline import StageRuntime
+            self.pipe = StageRuntime(self, plan.stages)
+            self.pipe.install()
         self._wrap_forward(m, self._transformer_forward(m.forward))
 
     def _wrap_forward(self, module, new_forward) -> None:
@@ -197,6 +212,9 @@ class TransformerRuntime:
         for undo in reversed(self._undo):
             undo()
         self._undo.clear()
+        if self.pipe is not None:
+            self.pipe.remove()
+            self.pipe = None
 
     # -- splitting -----------------------------------------------------------------------------
     def _split(self, x, spec: Split, what: str):
@@ -218,14 +236,21 @@ class TransformerRuntime:
                 f"plan {self.plan.name!r}: {what} masks some tokens (padded text); masks over sharded tokens are not "
                 f"supported by the sequence-parallel strategies: pass one prompt per call, or prompts without padding")
         total = int(x.shape[dim])
-        if total < self.ctx.seq_world:  # decided on the global length: every rank refuses together
-            raise ValueError(f"plan {self.plan.name!r}: {what} has {total} tokens, which cannot be split over "
-                             f"{self.ctx.seq_world} sequence-parallel ranks; use a larger image or fewer ranks")
-        local = self.ctx.shard_seq(x, dim)
         call = self.call
         if call is None:
             raise UnroutedAttentionError(f"plan {self.plan.name!r}: {what} was split outside a forward of "
                                          f"{type(self.model).__name__}; call the transformer, not its submodules")
+        if self.pipe is not None:  # patch p of this step's M, on every stage alike
+            if total < self.ctx.num_patches:
+                raise ValueError(f"plan {self.plan.name!r}: {what} has {total} tokens, fewer than the "
+                                 f"{self.ctx.num_patches} pipefusion patches; use a larger image or fewer patches")
+            slot = self.pipe.slot_for(call, total)
+            local = x.narrow(dim, slot.offset, slot.size)
+        elif total < self.ctx.seq_world:  # decided on the global length: every rank refuses together
+            raise ValueError(f"plan {self.plan.name!r}: {what} has {total} tokens, which cannot be split over "
+                             f"{self.ctx.seq_world} sequence-parallel ranks; use a larger image or fewer ranks")
+        else:
+            local = self.ctx.shard_seq(x, dim)
         call.sharded = True
         call.splits.append((int(local.shape[dim]), total))
         return local
@@ -270,6 +295,14 @@ class TransformerRuntime:
                                  f"{tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__}, the plan "
                                  f"gathers a {spec.ndim}-D tensor along dim {spec.dim}")
             dim = spec.dim % x.ndim
+            if self.pipe is not None:
+                full = self._assemble(x, dim, call)
+                call.gathered, call.sharded = True, False
+                if spec.index is None:
+                    return full
+                out = list(output)
+                out[spec.index] = full
+                return type(output)(out)
             # One split token set: every rank derives the sizes from the split rule. Several (text and image):
             # which one reached the gather is not known, so exchange sizes — a choice every rank makes alike,
             # since the totals are global (a choice by this rank's own length would not be).
@@ -283,6 +316,19 @@ class TransformerRuntime:
             out[spec.index] = full
             return type(output)(out)
         return hook
+
+    def _assemble(self, x, dim: int, call):
+        """pipefusion: this pass's patch written into the step's whole output (complete after the last patch)."""
+        slot = self.ctx.patch
+        if slot is None or slot.count == 1:
+            return x
+        shape = list(x.shape)
+        shape[dim] = slot.total
+        buf = self._pipe_out
+        if slot.index == 0 or buf is None or list(buf.shape) != shape or buf.dtype != x.dtype:
+            buf = self._pipe_out = x.new_zeros(shape)
+        buf.narrow(dim, slot.offset, slot.size).copy_(x)
+        return buf
 
     # -- attention -----------------------------------------------------------------------------
     def _attention_forward(self, module, original, layer: int, mod_name: str, cross: bool):
@@ -400,15 +446,18 @@ class TransformerRuntime:
             ctx = runtime.ctx
             if ctx.cfg_world > 1:
                 runtime._split_cfg(arguments)
-            runtime.call = call
-            try:
-                for name, spec in runtime._top.items():
-                    if arguments.get(name) is not None:
-                        arguments[name] = runtime._split(arguments[name], spec, f"input {name}")
-                out = original(*bound.args, **bound.kwargs)
-                runtime._check_call(call)
-            finally:
-                runtime.call = None
+            if runtime.pipe is not None:
+                out = runtime._pipeline_step(original, bound, call)
+            else:
+                runtime.call = call
+                try:
+                    for name, spec in runtime._top.items():
+                        if arguments.get(name) is not None:
+                            arguments[name] = runtime._split(arguments[name], spec, f"input {name}")
+                    out = original(*bound.args, **bound.kwargs)
+                    runtime._check_call(call)
+                finally:
+                    runtime.call = None
             runtime.calls += 1
             if ctx.cfg_world > 1:
                 out = runtime._gather_cfg(out)
@@ -417,6 +466,37 @@ class TransformerRuntime:
         # wrapper around the parallelized transformer then runs it eagerly (exact); compiled blocks inside
         # (compile_repeated_blocks) stay compiled, with graph breaks at the routed attention calls.
         return torch.compiler.disable(forward)
+
+    def _pipeline_step(self, original, bound, first: _Call):
+        """pipefusion: one denoising step's passes (one per patch; one whole pass while synchronous)."""
+        ctx = self.ctx
+        rows = self.owner.request_rows
+        if rows and len(rows) > 1:
+            raise ValueError("strategy 'pipefusion' does not batch several requests per call yet (their boundary "
+                             "streams would be coded together); run one request per call")
+        sync = first.stream_step < ctx.config.stale_warmup_steps
+        m = 1 if sync else ctx.num_patches
+        ctx.use_branch(first.ns)
+        out = None
+        self._pipe_out = None
+        for p in range(m):
+            call = _Call(ns=first.ns, stream_step=first.stream_step, joint_tokens=first.joint_tokens, part=(p, m))
+            args = inspect.BoundArguments(bound.signature, dict(bound.arguments))
+            self.call = call
+            ctx.patch = None
+            try:
+                for name, spec in self._top.items():
+                    if args.arguments.get(name) is not None:
+                        args.arguments[name] = self._split(args.arguments[name], spec, f"input {name}")
+                out = original(*args.args, **args.kwargs)
+                self._check_call(call)
+            finally:
+                self.call = None
+        ctx.use_branch(first.ns)
+        out = self.pipe.output(out, first.stream_step)
+        ctx.patch = None
+        self._pipe_out = None
+        return out
 
     def _check_call(self, call: _Call) -> None:
         if not call.splits:
@@ -546,13 +626,16 @@ class ModelRuntime:
         s.update(steps=self.step + 1, attention_layers=self.num_attention_layers, generation=self.generations,
                  transformer_calls=sum(t.calls for t in self.transformers),
                  plans={t.name: t.plan.name for t in self.transformers})
+        stages = {t.name: t.pipe.stats() for t in self.transformers if t.pipe is not None}
+        if stages:
+            s["pipeline"] = stages
         return s
 
     def model_parts(self) -> dict:
         parts = {"parallel configuration": self.config.fingerprint()}
         for rt in self.transformers:
             t = rt.model
-            sample = [round(float(p.detach().reshape(-1)[:16].float().sum()), 4) for p in list(t.parameters())[:64]]
+            sample = rt.weights_sample if rt.weights_sample is not None else _weights_sample(t)
             parts.update({f"{rt.name} class": type(t).__name__,
                           f"{rt.name} config": _short(sorted((k, v) for k, v in dict(t.config).items()
                                                              if not k.startswith("_"))),
@@ -621,6 +704,11 @@ class ModelRuntime:
                          for n in diffs)
         return ConfigMismatchError(f"ranks disagree on {what}; every rank must load the same model and call the pipeline "
                                    f"with the same arguments", getattr(err, "ranks", None))
+
+
+def _weights_sample(model) -> list:
+    """A cheap digest input of a model's weights (first values of its first tensors) for the agreement."""
+    return [round(float(p.detach().reshape(-1)[:16].float().sum()), 4) for p in list(model.parameters())[:64]]
 
 
 def _output_of(result):

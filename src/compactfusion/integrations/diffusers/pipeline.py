@@ -1,0 +1,215 @@
+"""PipeFusion on a diffusers transformer: stage hooks on its blocks and the per-step patch loop.
+
+The family plan's :class:`~.plans.Stages` names the block lists (in execution order) and the block inputs
+that carry the running state (``carry``). The blocks are cut into contiguous stages balanced by parameter
+count, one per rank of the pipeline group. On each rank:
+
+* blocks of other stages are replaced by a pass-through (they return their carried inputs in the order
+  the block would return its outputs) and their weights are released (moved to the ``meta`` device), so a
+  rank holds only its stage's weights;
+* the first block of this stage (stage > 0) receives its carried inputs from the previous stage in a
+  forward pre-hook; the first block of the next stage (stage < last) sends them from a pre-hook — after
+  any code the model runs between blocks (ControlNet residuals), so what travels is exactly what that
+  block would have received on one device;
+* everything outside the blocks (embeddings, final norm and projection) runs on every rank: it is cheap,
+  and it keeps the model's own code in charge of shapes.
+
+A denoising step is ``M`` transformer passes, one per patch of the image tokens (split by the plan's own
+split points, patch ``p`` of ``M`` instead of rank ``r`` of ``W``); the ``Gather`` module's output is
+assembled locally, and the last stage's output is sent to every stage once per step. The first
+``stale_warmup_steps`` steps are one synchronous pass over the whole image.
+
+The pipeline drains at the end of every step: the scheduler runs outside the transformer, on the whole
+latent, so step ``t + 1`` cannot start before step ``t``'s last patch. The bubble is ``(W - 1) / (M + W - 1)``
+of a step (xDiT avoids it by stepping the scheduler per patch inside its own denoising loop).
+"""
+from __future__ import annotations
+
+import inspect
+
+import torch
+
+from ...parallel.pipefusion import PatchSlot
+from .plans import Stages, resolve_paths
+
+__all__ = ["StageRuntime", "partition_blocks", "ReleasedWeightsError"]
+
+
+class ReleasedWeightsError(ValueError):
+    """A transformer whose other stages' weights pipefusion released was used without it."""
+
+
+def partition_blocks(weights: list[int], stages: int) -> list[int]:
+    """Stage boundaries ``[0, b_1, ..., len(weights)]``: contiguous, each stage >= 1 block, balanced so the
+    heaviest stage is as light as possible (exact by binary search over the heaviest stage's weight)."""
+    n = len(weights)
+    if stages > n:
+        raise ValueError(f"pipefusion: {stages} stages need at least {stages} transformer blocks, the model has {n}; "
+                         f"use fewer ranks")
+
+    def cuts(limit):
+        out, acc = [0], 0
+        for i, w in enumerate(weights):
+            if acc + w > limit and acc > 0:
+                out.append(i)
+                acc = 0
+            acc += w
+        return out
+
+    lo, hi = max(weights), sum(weights)
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if len(cuts(mid)) <= stages:
+            hi = mid
+        else:
+            lo = mid + 1
+    bounds = cuts(lo)
+    # fewer stages than asked (light tail): split the largest stages further so every rank gets a block
+    while len(bounds) < stages:
+        spans = [(bounds[i + 1] if i + 1 < len(bounds) else n) - bounds[i] for i in range(len(bounds))]
+        i = max(range(len(spans)), key=lambda j: spans[j])
+        bounds.insert(i + 1, bounds[i] + spans[i] // 2)
+    return bounds + [n]
+
+
+def _params(module) -> list[str]:
+    return list(inspect.signature(type(module).forward).parameters)[1:]
+
+
+class StageRuntime:
+    """This rank's stage of one transformer: which blocks it runs, and the hooks that move patches."""
+
+    def __init__(self, rt, stages: Stages):
+        self.rt, self.ctx, self.spec = rt, rt.ctx, stages
+        model, ctx = rt.model, rt.ctx
+        self.blocks: list[tuple[str, object, tuple]] = []  # (name, module, what it returns)
+        for path in stages.blocks:
+            for name, module in resolve_paths(model, path + ".*"):
+                self.blocks.append((name, module, stages.returns_of(path)))
+        weights = [sum(p.numel() for p in m.parameters()) for _, m, _ in self.blocks]
+        self.bounds = partition_blocks(weights, ctx.stages)
+        s = ctx.stage
+        self.first, self.end = self.bounds[s], self.bounds[s + 1]
+        self.params_total = sum(p.numel() for p in model.parameters())
+        self.joint_names = tuple(n for n in stages.carry if n in rt.plan.joint_tokens)
+        self._undo: list = []
+        self.released: list[str] = []
+
+    # -- installation --------------------------------------------------------------------------
+    def install(self) -> None:
+        s, last = self.ctx.stage, self.ctx.stages - 1
+        for i, (name, module, returns) in enumerate(self.blocks):
+            if not self.first <= i < self.end:
+                self.rt._wrap_forward(module, _passthrough(module, returns))
+        if s > 0:
+            name, module, _ = self.blocks[self.first]
+            self._undo.append(module.register_forward_pre_hook(self._hook(module, "recv", s - 1),
+                                                               with_kwargs=True).remove)
+        if s < last:
+            name, module, _ = self.blocks[self.end]
+            self._undo.append(module.register_forward_pre_hook(self._hook(module, "send", s),
+                                                               with_kwargs=True).remove)
+
+    def release(self) -> None:
+        """Free the other stages' weights (moved to ``meta``): this rank then holds only its stage."""
+        for i, (name, module, _) in enumerate(self.blocks):
+            if not self.first <= i < self.end:
+                module.to("meta")
+                self.released.append(name)
+
+    def remove(self) -> None:
+        for undo in reversed(self._undo):
+            undo()
+        self._undo.clear()
+        if self.released:  # the model cannot run whole any more: say so instead of failing on meta tensors
+            names = f"{self.released[0]} .. {self.released[-1]}"
+            model = self.rt.model
+
+            def refuse(module, args, kwargs):
+                raise ReleasedWeightsError(
+                    f"{type(model).__name__} ran as a pipefusion stage and released the weights of the other "
+                    f"stages' blocks ({names}); load the model again to run it whole or with another strategy")
+            model.register_forward_pre_hook(refuse, with_kwargs=True)
+
+    def stats(self) -> dict:
+        local = sum(p.numel() for p in self.rt.model.parameters() if not p.is_meta)
+        return {"stage": self.ctx.stage, "stages": self.ctx.stages, "patches": self.ctx.num_patches,
+                "blocks": [self.blocks[self.first][0], self.blocks[self.end - 1][0]],
+                "num_blocks": self.end - self.first, "params": int(local), "params_total": int(self.params_total)}
+
+    # -- boundary hooks ------------------------------------------------------------------------
+    def _hook(self, module, kind: str, boundary: int):
+        params = _params(module)
+        carry = self.spec.carry
+
+        def hook(mod, args, kwargs):
+            call = self.rt.call
+            if call is None:
+                return None
+            args = list(args)
+            found = {}
+            for name in carry:
+                pos = params.index(name) if name in params else None
+                if name in kwargs:
+                    v = kwargs[name]
+                elif pos is not None and pos < len(args):
+                    v = args[pos]
+                else:
+                    v = None
+                if isinstance(v, torch.Tensor):
+                    found[name] = v
+            if not found:
+                raise ValueError(f"pipefusion plan {self.rt.plan.name!r}: block {type(mod).__name__} got none of the "
+                                 f"carried inputs {list(carry)}")
+            self.ctx.use_branch(call.ns)
+            slot = self.ctx.patch
+            if kind == "send":
+                self.ctx.strategy.send(boundary, found, slot, call.stream_step, self.joint_names)
+                return None
+            got = self.ctx.strategy.recv(boundary, found, slot, call.stream_step, self.joint_names)
+            for name, v in got.items():
+                pos = params.index(name) if name in params else None
+                if name in kwargs or pos is None or pos >= len(args):
+                    kwargs[name] = v
+                else:
+                    args[pos] = v
+            return tuple(args), kwargs
+        return hook
+
+    # -- the step ------------------------------------------------------------------------------
+    def slot_for(self, call, total: int) -> PatchSlot:
+        """The patch a split of ``total`` tokens gives this pass (and records it for attention)."""
+        p, m = call.part
+        sizes = self.ctx.patch_sizes(total) if m > 1 else [total]
+        off = sum(sizes[:p])
+        slot = PatchSlot(p, off, sizes[p], total, m)
+        prev = self.ctx.patch
+        if prev is not None and prev.total != total:
+            raise ValueError(f"pipefusion plan {self.rt.plan.name!r} splits two token sets ({prev.total} and {total} "
+                             f"tokens) in one pass; pipefusion needs one split token set (keep the text whole)")
+        self.ctx.patch = slot
+        return slot
+
+    def output(self, out, step: int):
+        """Send the last stage's output of this step to every stage (replaces the tensor in ``out``)."""
+        self.ctx.strategy.finish_step()
+
+        def bc(t):
+            return self.ctx.strategy.broadcast_output(t, step)
+        if isinstance(out, tuple):
+            return (bc(out[0]),) + tuple(out[1:])
+        if hasattr(out, "sample"):
+            out.sample = bc(out.sample)
+            return out
+        return bc(out)
+
+
+def _passthrough(module, returns: tuple):
+    """A forward for a block of another stage: its carried inputs back, in the block's output order."""
+    sig = inspect.signature(type(module).forward.__get__(module))
+
+    def forward(*args, **kwargs):
+        bound = sig.bind(*args, **kwargs)
+        vals = [bound.arguments.get(n) for n in returns]
+        return vals[0] if len(vals) == 1 else tuple(vals)
+    return forward
