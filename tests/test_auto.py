@@ -52,9 +52,12 @@ def test_auto_plan_and_measured_times():
     times = measure_coding_times(["none", "binary", "int2"], (64, 128), torch.float32, reps=1)
     assert times["none"] == (0.0, 0.0) and all(e > 0 and d > 0 for e, d in (times["binary"], times["int2"]))
     plan = AutoPlan(("binary", "int2"), floor="int2")
-    assert plan(0, 5) == "none" and not plan.decided(0)
+    assert plan(0, 5) == "none" and not plan.decided(0) and plan.raw_layer(0)
     c = plan.decide(0, (64, 128), torch.float32, 1e3, 0.0, times, messages=1)
     assert plan.decided(0) and plan(0, 9) == c.spec == "int2"  # binary is below the floor
+    assert not plan.raw_layer(0)  # a coded layer goes through the residual coder
+    plan.decide(1, (64, 128), torch.float32, math.inf, 0.0, times, messages=1)
+    assert plan(1, 9) == "none" and plan.raw_layer(1)  # an uncompressed layer bypasses it
     assert plan.stats()[0]["codec"] == "int2" and "binary" not in plan.stats()[0]["candidates_s"]
     plan.reset()
     assert plan(0, 9) == "none"
@@ -97,6 +100,12 @@ def _probe_main(rank, world):
         ctx.check_consistency(2)  # sender and receiver agree under the chosen codec
         picked[name] = (actl.plan.stats()[0]["codec"], actl.plan.stats()[1]["codec"],
                         ctx.ledger.summary()["compression_ratio_after_warmup"])
+        if name == "fast":  # uncompressed layers keep no residual state and give the uncompressed result
+            picked["fast_streams"] = len(ctx.coder.checksums())
+            plain = ParallelContext(ParallelConfig(strategy="ring", link=link, timeout_s=20.0))
+            picked["fast_equal"] = torch.equal(ctx.attention(q, k, v, layer=0, step=3),
+                                               plain.attention(q, k, v, layer=0, step=3))
+            plain.close()
         ctx.close()
     return (est, agreed, agree_max(comm, [rank * 0.5, 1.0]), comm.ledger.summary()["bytes_sent"],
             (ctl.link, choice.spec, choice.table, again is choice), picked)
@@ -109,6 +118,7 @@ def test_probe_and_agreement_2_ranks():
     (e0, a0, m0, sent0, c0, p0), (e1, a1, m1, _, c1, p1) = res
     assert p0 == p1 and p0["slow"][:2] == ("binary", "binary") and p0["slow"][2] > 8, p0
     assert p0["fast"] == ("none", "none", 1.0), p0
+    assert p0["fast_streams"] == 0 and p0["fast_equal"], p0
     assert e0 == e1 and a0 == a1 and m0 == m1 == [0.5, 1.0] and c0 == c1  # identical on every rank
     assert c0[0] == (1e5, 0.02) and c0[1] == "binary" and c0[3], c0  # 32 kB raw at 100 kB/s: the smallest wins
     assert a0 == {"binary": (2e-3, 5e-4), "int2": (2e-3, 1e-4)}

@@ -41,7 +41,7 @@ LATENCIES = ("100us", "1ms")  # swept at LATENCY_BW (the bandwidth sweep uses la
 LATENCY_BW = "inf"
 LATENCY_METHODS = ("patch", "ring", "ring+binary", "diffusers-ring")  # the latency sweep's subset (W=4 only)
 SLOW_BW = "1MB/s"  # communication-bound point (uncompressed ring >= 95% communicating): a subset, largest W only
-SLOW_METHODS = ("ring", "ring+binary", "diffusers-ring")
+SLOW_METHODS = ("ring", "ring+binary", "ring+auto", "diffusers-ring")
 SHAPED_METHODS = ("ring", "ring+binary")
 
 
@@ -53,7 +53,8 @@ def methods(world: int, quick: bool = False) -> list[dict]:
           dict(name="ring+binary", strategy="ring", codec="binary"),
           dict(name="ring+int2", strategy="ring", codec="int2"),
           dict(name="ring+lowrank-int4:32", strategy="ring", codec="lowrank-int4:32"),
-          dict(name="distrifusion+binary", strategy="distrifusion", codec="binary")]
+          dict(name="distrifusion+binary", strategy="distrifusion", codec="binary"),
+          dict(name="ring+auto", strategy="ring", codec="auto")]
     if world == 4:
         ms.append(dict(name="usp(2x2)", strategy="usp", codec="none", ulysses_degree=2, ring_degree=2))
     if quick:
@@ -67,6 +68,28 @@ def methods(world: int, quick: bool = False) -> list[dict]:
 def _link(bw: str, lat: str, mode: str = "sleep"):
     from ..comm import LinkModel
     return LinkModel(bandwidth=bw, latency=lat, mode=mode)
+
+
+def _config(m: dict, link, warmup: int):
+    """``parallel_config`` plus ``codec="auto"`` (per-layer choice, parallel/auto.py) with the same coder fields."""
+    if m["codec"] != "auto":
+        return parallel_config(m, link, warmup)
+    from ..parallel import ParallelConfig
+    from ..parallel.auto import auto_compression
+    comp = auto_compression(residual_order=m["residual_order"], error_feedback=m["error_feedback"],
+                            warmup_steps=warmup)
+    return ParallelConfig(strategy=m["strategy"], compression=comp, link=link, timeout_s=120.0)
+
+
+def _auto_choice(stats: dict) -> dict | None:
+    """{codec: layers} from ``cf.stats(pipe)["auto"]`` (None when the method is not auto)."""
+    auto = stats.get("auto")
+    if not auto:
+        return None
+    out: dict = {}
+    for layer in auto.values():
+        out[layer["codec"]] = out.get(layer["codec"], 0) + 1
+    return out
 
 
 def _gen(pipe, steps: int, seed: int = 0):
@@ -105,10 +128,18 @@ def latency_worker(rank, world, plan):
         for m in plan["methods"]:
             if subset is not None and m["name"] not in subset:
                 continue
-            cfg = parallel_config(m, _link(bw, lat), plan["warmup"])
+            cfg = _config(m, _link(bw, lat), plan["warmup"])
             cf.parallelize(pipe, cfg)
             pipe.set_progress_bar_config(disable=True)
             try:
+                first = None
+                if m["codec"] == "auto":  # start-up (link probe, codec timing) is paid once, by the first generation
+                    dist.barrier()
+                    t0 = time.perf_counter()
+                    _gen(pipe, steps)
+                    info = [None] * world
+                    dist.all_gather_object(info, time.perf_counter() - t0)
+                    first = max(info)
                 best, per_rank = math.inf, None
                 for _ in range(reps):
                     dist.barrier()
@@ -120,11 +151,14 @@ def latency_worker(rank, world, plan):
                     w = max(i[0] for i in info)
                     if w < best:
                         best, per_rank = w, [i[1] for i in info]
+                choice = _auto_choice(cf.stats(pipe))  # identical on every rank (auto decides collectively)
             finally:
                 cf.unparallelize(pipe)
             if rank == 0:
                 rows.append({"method": m["name"], "strategy": m["strategy"], "codec": m["codec"], "world_size": world,
                              "bandwidth": bw, "latency": lat, "wall_s": best, **_bytes_fields(per_rank)})
+                if first is not None:
+                    rows[-1].update(first_wall_s=first, auto_choice=choice)
     if plan.get("peers"):
         from .peers import peer_runs
 
@@ -350,6 +384,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--shaped-bandwidth", default=SLOW_BW)
     p.add_argument("--quick", action="store_true", help="W=2, 2 links, 3 methods, 4 steps")
     p.add_argument("--timeout", type=float, default=1800.0)
+    p.add_argument("--overhead", action="store_true",
+                   help="only issue 11's bars: ring, ring+binary, ring+int2, ring+auto alternating in one run per world "
+                        "(unlimited link, and --slow-bandwidth at the largest world); writes OUT/overhead.{json,csv,md} "
+                        "and its section of OUT/results.md")
+    p.add_argument("--note", default="", help="a sentence on the conditions of the run, printed with the results")
     return p
 
 
@@ -620,13 +659,43 @@ def main(argv=None) -> int:
         raise UsageError("--worlds must list sizes >= 2")
     if a.steps < 1 or a.reps < 1 or not 0 <= a.warmup_steps < a.steps:
         raise UsageError("--steps and --reps must be >= 1 and --warmup-steps in [0, --steps)")
+    if a.overhead:
+        return _main_overhead(a, worlds)
     rows, md, files = run(a)
     from ._common import write_outputs
-    write_outputs(Path(a.out), rows, md)
+    from .latency_overhead import kept_block
+    write_outputs(Path(a.out), rows, md + kept_block(Path(a.out)))
     print(f"bench latency: {len(rows)} rows -> {a.out}/results.{{json,csv,md}}")
     for w in worlds:
         for c in headline(rows, w):
             print(f"  [{ {True: 'ok', False: 'NO', None: 'n/a'}[c['ok']] }] {c['claim']}: {c['value']}")
+    return 0
+
+
+def _main_overhead(a, worlds: list[int]) -> int:
+    import platform
+
+    import torch
+
+    from ._common import environment_record, json_safe, rows_to_csv
+    from .latency_overhead import claims, markdown, run_overhead, splice
+    env = environment_record()
+    load0 = os.getloadavg()[0]
+    rows, timing = run_overhead(a, worlds)
+    note = (f"Machine: {env['cores']}-core {env['cpu']} ({platform.machine()}), torch {torch.__version__}, diffusers "
+            f"{env['diffusers']}, {env['date_utc'][:16].replace('T', ' ')} UTC; 1-min load average {load0:.1f} at the "
+            f"start, {os.getloadavg()[0]:.1f} at the end." + (f" {a.note.strip()}" if a.note.strip() else ""))
+    md = markdown(rows, timing, a, note)
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    clean = [json_safe(r) for r in rows]
+    (out / "overhead.json").write_text(json.dumps(clean, indent=1) + "\n")
+    (out / "overhead.csv").write_text(rows_to_csv(clean))
+    (out / "overhead.md").write_text(md)
+    splice(out / "results.md", md)
+    print(f"bench latency --overhead: {len(rows)} rows -> {out}/overhead.{{json,csv,md}} (and its section of results.md)")
+    for c in claims(rows):
+        print(f"  [{'ok' if c['ok'] else 'NO'}] {c['claim']}: {c['value']}")
     return 0
 
 

@@ -15,8 +15,9 @@ excluded). Ties go to the finer codec, so on an infinitely fast link ``"none"`` 
 ``margin`` a codec must beat uncompressed by that fraction to be chosen (guards against timing noise).
 
 :func:`choose_codec` is pure (the timings come in through ``coding_time_fn``);
-:func:`measure_coding_times` times the codecs at the actual shape (residual subtraction and update
-included) and :func:`agreed_coding_times` makes the result identical on every rank, which the
+:func:`measure_coding_times` times one send and one receive of a residual stream at the actual shape
+(the coder's fixed per-call work included: an uncompressed layer skips the coder, see
+:meth:`AutoPlan.raw_layer`) and :func:`agreed_coding_times` makes the result identical on every rank, which the
 choice must be. :class:`AutoPlan` keeps the per-layer choices as a ``CompressionConfig.plan``.
 """
 from __future__ import annotations
@@ -104,35 +105,40 @@ def _sync(device: torch.device) -> None:
 
 
 def measure_coding_times(specs: Iterable[str], shape: tuple, dtype: torch.dtype, device: torch.device | str = "cpu",
-                         reps: int = 3, seed: int = 0) -> dict[str, tuple[float, float]]:
+                         reps: int = 3, seed: int = 0, config=None) -> dict[str, tuple[float, float]]:
     """Median ``(encode_s, decode_s)`` per codec at ``shape``/``dtype``/``device``, as the residual path
-    runs them: ``encode_residual(x, base)`` and ``decode_add(payload, base)`` (fused on CPU where the
-    codec has kernels), with an fp32 base like the residual state's."""
+    runs them per stream and step: ``ResidualEncoder.encode_with_reconstruction`` (finiteness check,
+    prediction, fused ``x - pred`` + encode, the sender's own reconstruction and state update) and
+    ``ResidualDecoder.decode`` (size check, fused decode + add, state update). At small shapes those
+    fixed per-call costs are as large as the codec's own work, and an uncompressed layer pays none of
+    them (it bypasses the coder), so timing the codec alone would favour compression. ``config``: the
+    run's ``CompressionConfig`` (residual order, error feedback, state dtype); its codec, plan and
+    warmup are replaced per candidate."""
+    import dataclasses
+
+    from ..residual import CompressionConfig, ResidualDecoder, ResidualEncoder
     n, c = _check_shape(shape)
     device = torch.device(device)
     g = torch.Generator(device="cpu").manual_seed(seed)
-    base = torch.randn(n, c, generator=g).to(device=device)  # fp32, as the residual state is
-    x = (base + 0.1 * torch.randn(n, c, generator=g).to(device)).to(dtype)
+    base = torch.randn(n, c, generator=g)
+    xs = [(base + 0.1 * torch.randn(n, c, generator=g)).to(device=device, dtype=dtype) for _ in range(reps + 1)]
     out: dict[str, tuple[float, float]] = {}
     for spec in dict.fromkeys(specs):
         if spec == UNCOMPRESSED:
             out[spec] = (0.0, 0.0)
             continue
-        codec = get_codec(spec)
-        # the residual path's own calls where the codec has them (fused subtract / add), else the plain ones
-        if hasattr(codec, "encode_residual") and hasattr(codec, "decode_add"):
-            encode, decode_add = codec.encode_residual, (lambda p, b, cd=codec: cd.decode_add(p, (n, c), b))
-        else:
-            encode = (lambda xx, b, cd=codec: cd.encode(xx.float() - b))
-            decode_add = (lambda p, b, cd=codec: b + cd.decode(p, (n, c), torch.float32))
+        get_codec(spec)  # validates the spec (ValueError lists the valid ones)
+        cfg = dataclasses.replace(config, codec=spec, plan=None, warmup_steps=0, warmup_codec=None) \
+            if config is not None else CompressionConfig(codec=spec, warmup_steps=0)
+        enc, dec = ResidualEncoder(cfg), ResidualDecoder(cfg)
         enc_t, dec_t = [], []
-        for i in range(reps + 1):  # the first round warms caches / kernels
+        for i, x in enumerate(xs):  # step 0 warms caches / kernels (and codes against a zero prediction)
             _sync(device)
             t0 = time.perf_counter()
-            payload = encode(x, base)
+            payload, _ = enc.encode_with_reconstruction("probe", x, i)
             _sync(device)
             t1 = time.perf_counter()
-            _ = decode_add(payload, base)
+            dec.decode("probe", payload, i, (n, c), dtype)
             _sync(device)
             t2 = time.perf_counter()
             if i:
@@ -175,6 +181,14 @@ class AutoPlan:
     def decided(self, layer: int) -> bool:
         return layer in self.choices
 
+    def raw_layer(self, layer: int) -> bool:
+        """True when ``layer`` is sent uncompressed at every step (chosen "none", or not decided yet): the
+        stream coder then sends its raw bytes and keeps no residual state for it, so an uncompressed
+        choice costs exactly what an uncompressed run costs. A layer is decided before its first
+        attention call of a generation and stays so for the whole generation (its shape cannot change
+        within one), identically on every rank."""
+        return self(layer, 0) == UNCOMPRESSED
+
     def decide(self, layer: int, shape: tuple, dtype: torch.dtype, bandwidth_Bps: float, latency_s: float,
                coding_times: dict[str, tuple[float, float]], *, messages: int = 1, encodes: int = 1) -> Choice:
         def fn(spec, shp, dt):
@@ -210,8 +224,8 @@ class AutoController:
     slowest rank's times); each layer then costs one pure decision.
     """
 
-    def __init__(self, plan: AutoPlan, comm, *, reps: int = 3, probe_kwargs: dict | None = None):
-        self.plan, self.comm, self.reps = plan, comm, int(reps)
+    def __init__(self, plan: AutoPlan, comm, *, reps: int = 3, probe_kwargs: dict | None = None, config=None):
+        self.plan, self.comm, self.reps, self.config = plan, comm, int(reps), config
         self.probe_kwargs = dict(probe_kwargs or {})
         self.link: tuple[float, float] | None = None  # (bandwidth B/s, latency s), agreed
         self._times: dict[tuple, dict] = {}  # (shape, dtype, device) -> agreed coding times
@@ -237,7 +251,7 @@ class AutoController:
         key = (tuple(shape), str(dtype), str(device))
         times = self._times.get(key)
         if times is None:  # layers of one model mostly share a shape: time each shape once
-            times = measure_coding_times(self.plan.candidates, shape, dtype, device, reps=self.reps)
+            times = measure_coding_times(self.plan.candidates, shape, dtype, device, reps=self.reps, config=self.config)
             times = self._times[key] = agreed_coding_times(self.comm, times)
         return self.plan.decide(layer, shape, dtype, bw, lat, times, messages=messages, encodes=encodes)
 
@@ -261,7 +275,7 @@ def controller_for(ctx) -> AutoController | None:
     plan = getattr(comp, "plan", None)
     if not isinstance(plan, AutoPlan) or ctx.seq_world == 1:
         return None
-    return AutoController(plan, ctx.world_comm)
+    return AutoController(plan, ctx.world_comm, config=comp)
 
 
 def stream_traffic(strategy: str, q_shape: tuple, ulysses: int, seq_world: int) -> tuple[tuple[int, int], int, int]:

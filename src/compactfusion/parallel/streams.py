@@ -56,12 +56,19 @@ class StreamCoder:
         self.encoder = ResidualEncoder(compression) if self.tensors else None
         self.decoder = ResidualDecoder(compression) if self.tensors else None
 
-    def coded(self, tensor: str) -> bool:
-        return tensor in self.tensors
+    def raw_layer(self, layer: int) -> bool:
+        """True when the plan keeps ``layer`` uncompressed for the whole generation (``codec="auto"``'s plan has
+        ``raw_layer``): its tensors then travel as raw bytes with no residual state, as in an uncompressed run.
+        The plan must answer alike on every rank (auto's decisions are agreed)."""
+        fn = getattr(self.compression.plan, "raw_layer", None) if self.tensors else None
+        return fn is not None and bool(fn(layer))
+
+    def coded(self, tensor: str, layer: int | None = None) -> bool:
+        return tensor in self.tensors and (layer is None or not self.raw_layer(layer))
 
     def warmup(self, layer: int, step: int) -> bool:
         """True when this (layer, step) travels at full precision because of compression warmup."""
-        return bool(self.tensors) and self.compression.spec_for(layer, step) == WARMUP
+        return bool(self.tensors) and self.compression.spec_for(layer, step) == WARMUP and not self.raw_layer(layer)
 
     @staticmethod
     def _matrix_shape(shape) -> tuple[int, int]:
@@ -72,7 +79,7 @@ class StreamCoder:
         """Bytes a (B, S, H, D) tensor of ``dtype`` occupies on the wire at (layer, step)."""
         if any(int(n) == 0 for n in shape):
             return 0
-        if self.coded(tensor):
+        if self.coded(tensor, layer):
             return payload_nbytes(self.compression, layer, step, self._matrix_shape(shape), dtype)
         return raw_nbytes(shape, dtype)
 
@@ -80,7 +87,7 @@ class StreamCoder:
         """``(payload, x_hat)``: the wire bytes for ``x`` (B, S, H, D) and, bitwise, what receivers decode."""
         if x.numel() == 0:
             return x.new_empty(0, dtype=torch.uint8), x
-        if not self.coded(tensor):
+        if not self.coded(tensor, layer):
             return to_bytes(x), x
         payload, x_hat = self.encoder.encode_with_reconstruction(key, x.reshape(self._matrix_shape(x.shape)),
                                                                  step, layer)
@@ -92,7 +99,7 @@ class StreamCoder:
         shape = tuple(int(n) for n in shape)
         if any(n == 0 for n in shape):
             return torch.empty(shape, dtype=dtype, device=payload.device)
-        if not self.coded(tensor):
+        if not self.coded(tensor, layer):
             return from_bytes(payload, shape, dtype)
         x = self.decoder.decode(key, _aligned(payload), step, self._matrix_shape(shape), dtype, layer)
         return x.reshape(shape)
