@@ -143,6 +143,17 @@ def _w2_worker(rank, world):
                                finite=all(bool(torch.isfinite(g).all()) for g in got))
             cf.unparallelize(t)
 
+        # codec="auto": each boundary decided alike on every rank, never coarser than int4 for pipefusion
+        out["auto"] = {}
+        for bw in ("inf", "1MB/s"):
+            t, make = TINY_TRANSFORMERS["flux"]()
+            link = cf.LinkModel(bandwidth=bw, latency="0", mode="virtual")
+            cf.parallelize(t, cf.ParallelConfig(strategy="pipefusion", compression="auto", link=link))
+            for kw in _steps(make, (8, 8)):
+                t(**kw)
+            out["auto"][bw] = {k: v["codec"] for k, v in cf.stats(t)["auto"].items()}
+            cf.unparallelize(t)
+
         # a family without pipeline stages: refused by name at parallelize
         t, make = TINY_TRANSFORMERS["pixart"]()
         try:
@@ -176,6 +187,8 @@ def test_pipefusion_two_ranks():
         for r in res:
             assert r[family]["sync"] <= 1e-4 and r[family]["finite"], (family, r[family])
     assert all("pipeline stages" in r["pixart"] for r in res), res[0]["pixart"]
+    assert res[0]["auto"] == res[1]["auto"], [r["auto"] for r in res]
+    assert res[0]["auto"]["inf"] == {0: "none"} and res[0]["auto"]["1MB/s"] == {0: "int4"}, res[0]["auto"]
 
 
 def _w4_worker(rank, world, steps):

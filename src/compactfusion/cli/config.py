@@ -140,7 +140,8 @@ def build_configs(a, world: int):
                  warmup_codec=getattr(a, "warmup_codec", None))
     if a.codec == "auto":  # per-layer choice by measured coding time and link speed
         from ..parallel.auto import auto_compression
-        compression = auto_compression(**coder)
+        from ..parallel.config import AUTO_FLOOR
+        compression = auto_compression(floor=AUTO_FLOOR.get(a.strategy), **coder)
     else:
         compression = CompressionConfig(codec=a.codec, **coder)
     cfg = ParallelConfig(strategy=strategy, compression=compression, link=link, ulysses_degree=a.ulysses_degree,

@@ -14,8 +14,13 @@ from ..comm.link import LinkModel
 from ..residual import CompressionConfig
 from .registry import DEFAULT_TENSORS, REGISTRY, STRATEGIES
 
-__all__ = ["ParallelConfig", "Mesh", "STRATEGIES", "DEFAULT_TENSORS"]
+__all__ = ["ParallelConfig", "Mesh", "STRATEGIES", "DEFAULT_TENSORS", "AUTO_FLOOR"]
 
+
+
+#: ``codec="auto"``'s fidelity floor per strategy (None: any candidate). pipefusion's boundary activations lose
+#: 6-15 dB below 4 bits on the digits model (int4: -0.5 dB; docs/benchmarks.md), K/V streams do not.
+AUTO_FLOOR = {"pipefusion": "int4"}
 
 
 def _degree(x, what: str):
@@ -94,7 +99,7 @@ class ParallelConfig:
         comp = self.compression
         if comp == "auto":  # per-layer choice by measured coding time and link speed (parallel/auto.py)
             from .auto import auto_compression
-            comp = auto_compression()
+            comp = auto_compression(floor=AUTO_FLOOR.get(self.strategy))
             object.__setattr__(self, "compression", comp)
         elif isinstance(comp, str):
             comp = CompressionConfig(codec=comp)

@@ -94,6 +94,8 @@ class StageRuntime:
         self.joint_names = tuple(n for n in stages.carry if n in rt.plan.joint_tokens)
         self._undo: list = []
         self.released: list[str] = []
+        self.shapes: dict = {}  # boundary -> (rows, channels, dtype) of one patch payload (codec="auto")
+        self.decided = False
 
     # -- installation --------------------------------------------------------------------------
     def install(self) -> None:
@@ -163,6 +165,7 @@ class StageRuntime:
                                  f"carried inputs {list(carry)}")
             self.ctx.use_branch(call.ns)
             slot = self.ctx.patch
+            self._record(boundary, found, slot)
             if kind == "send":
                 self.ctx.strategy.send(boundary, found, slot, call.stream_step, self.joint_names)
                 return None
@@ -175,6 +178,32 @@ class StageRuntime:
                     args[pos] = v
             return tuple(args), kwargs
         return hook
+
+    def _record(self, boundary: int, found: dict, slot) -> None:
+        if boundary in self.shapes or slot is None:
+            return
+        size = self.ctx.patch_sizes(slot.total)[0] if slot.count == 1 else slot.size
+        rows = sum(int(x.shape[0]) * (int(x.shape[1]) if n in self.joint_names else size) for n, x in found.items())
+        cols = max(int(x[0, 0].numel()) for x in found.values())
+        self.shapes[boundary] = (rows, cols, str(next(iter(found.values())).dtype).removeprefix("torch."))
+
+    def decide_auto(self, device) -> None:
+        """codec="auto": every boundary's codec, chosen by every rank alike after the synchronous step(s).
+
+        Each rank saw the payload shapes of its own boundaries; one control exchange gives every rank all
+        of them, then each boundary is decided in order (the controller's timings are agreed collectively)."""
+        self.decided = True
+        auto = self.ctx.auto
+        if auto is None or self.ctx.stages == 1:
+            return
+        tables = self.ctx.world_comm.all_gather_object({str(b): list(v) for b, v in self.shapes.items()})
+        shapes = {}
+        for t in tables:
+            for b, v in t.items():
+                shapes.setdefault(int(b), v)
+        for b in sorted(shapes):
+            rows, cols, dtype = shapes[b]
+            auto.ensure(b, (rows, cols), getattr(torch, dtype), device, messages=1, encodes=1)
 
     # -- the step ------------------------------------------------------------------------------
     def slot_for(self, call, total: int) -> PatchSlot:

@@ -141,6 +141,9 @@ class TransformerRuntime:
         self._timestep = None
         self._stream_steps: dict = {}  # branch -> steps that branch has run
         self.calls = 0
+        if getattr(self, "pipe", None) is not None:  # boundary shapes and auto decisions are per generation
+            self.pipe.shapes.clear()
+            self.pipe.decided = False
 
     # -- installation --------------------------------------------------------------------------
     def _install(self) -> None:
@@ -476,6 +479,9 @@ class TransformerRuntime:
                              "streams would be coded together); run one request per call")
         sync = first.stream_step < ctx.config.stale_warmup_steps
         m = 1 if sync else ctx.num_patches
+        if not sync and not self.pipe.decided:  # codec="auto" decides each boundary once its shapes are known
+            hs = bound.arguments.get("hidden_states")
+            self.pipe.decide_auto(hs.device if isinstance(hs, torch.Tensor) else torch.device("cpu"))
         ctx.use_branch(first.ns)
         out = None
         self._pipe_out = None
