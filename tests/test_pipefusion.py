@@ -16,6 +16,7 @@ import subprocess
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from distributed import run_distributed
@@ -272,3 +273,25 @@ def test_killed_stage_ends_every_rank(digits_dir, tmp_path):
     assert elapsed < 5 + 15, elapsed
     _, alive = psutil.wait_procs(tree, timeout=10)
     assert not [p for p in alive if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
+
+
+def test_serve_pipefusion_with_a_codec_switch():
+    """`serve --strategy pipefusion`: an int4 request, then a per-request switch to none (the stage reloads)."""
+    pytest.importorskip("fastapi")
+    from test_serve import AUTH, Server, decode
+    s = Server("--strategy", "pipefusion", "--codec", "int4", "--allow-codecs", "int4,none", "--api-key", "test-key",
+               "--timeout", "30", "--heartbeat", "1")
+    try:
+        s.wait_ready()
+        r = s.post({"prompt": "3", "seed": 5, "num_inference_steps": 4, "response_format": "b64_json"}, headers=AUTH)
+        assert r.status_code == 200, r.text
+        u = r.json()["usage"]
+        assert u["codec"] == "int4" and u["compression_ratio"] > 1, u
+        (img,) = decode(r)
+        r = s.post({"prompt": "3", "seed": 5, "codec": "none", "num_inference_steps": 4, "response_format": "b64_json"},
+                   headers=AUTH)
+        assert r.status_code == 200 and r.json()["usage"]["compression_ratio"] == 1.0, r.text
+        (raw,) = decode(r)
+        assert raw.shape == img.shape and np.abs(raw.astype(float) - img.astype(float)).mean() < 8  # int4 ~ exact
+    finally:
+        s.stop()

@@ -29,7 +29,8 @@ class Engine:
         from ..cli.config import build_configs
         self.a, self.world = a, world
         self._build = build_configs
-        self.pipe = load_pipeline(a.model, dtype, device)
+        self._load = lambda: load_pipeline(a.model, dtype, device)
+        self.pipe = self._load()
         if hasattr(self.pipe, "set_progress_bar_config"):
             self.pipe.set_progress_bar_config(disable=True)
         self.factor = spatial_factor(self.pipe)
@@ -60,6 +61,8 @@ class Engine:
         if self.codec is not None:
             unparallelize(self.pipe)
             self.codec = None
+            if cfg.strategy == "pipefusion":  # the stage released the other stages' weights: load afresh
+                self.pipe = self._load()
         parallelize(self.pipe, cfg)
         self.pipe.set_progress_bar_config(disable=True)
         self.codec = codec
