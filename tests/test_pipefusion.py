@@ -206,10 +206,10 @@ def _w4_worker(rank, world, steps):
         pipe = load_digits_pipeline()
         pipe.set_progress_bar_config(disable=True)
         ref1, ref = call(pipe, 1), call(pipe, steps)
-        for name, comp in (("none", None), ("int4", "int4")):
+        for name, comp, cfg in (("none", None, False), ("int4", "int4", False), ("cfg", "int4", True)):
             pipe = load_digits_pipeline()
             pipe.set_progress_bar_config(disable=True)
-            cf.parallelize(pipe, cf.ParallelConfig(strategy="pipefusion", compression=comp))
+            cf.parallelize(pipe, cf.ParallelConfig(strategy="pipefusion", compression=comp, cfg_parallel=cfg))
             one = call(pipe, 1)  # a one-step generation is all synchronous
             img = call(pipe, steps)
             st = cf.stats(pipe)
@@ -226,6 +226,8 @@ def test_pipefusion_four_ranks_digits():
         for name in ("none", "int4"):
             assert r[name]["sync"] <= 1e-4, (rank, name, r[name])
             assert r[name]["pipeline"]["stage"] == rank and r[name]["pipeline"]["num_blocks"] >= 1
+        # CFG halves x 2 stages: the synchronous step is exact, the stages are the ring dimension
+        assert r["cfg"]["sync"] <= 1e-4 and r["cfg"]["pipeline"]["stage"] == rank % 2, r["cfg"]
         assert r["none"]["psnr"] > 30, r  # stale K/V: close to single device, not equal
         assert abs(r["int4"]["psnr"] - r["none"]["psnr"]) < 3, r
     assert res[0]["int4"]["sent"] * 3 < res[0]["none"]["sent"], (res[0]["int4"]["sent"], res[0]["none"]["sent"])
