@@ -298,20 +298,15 @@ class TransformerRuntime:
                                  f"{tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__}, the plan "
                                  f"gathers a {spec.ndim}-D tensor along dim {spec.dim}")
             dim = spec.dim % x.ndim
-            if self.pipe is not None:
+            if self.pipe is not None:  # pipefusion: patches are assembled locally, nothing travels
                 full = self._assemble(x, dim, call)
-                call.gathered, call.sharded = True, False
-                if spec.index is None:
-                    return full
-                out = list(output)
-                out[spec.index] = full
-                return type(output)(out)
-            # One split token set: every rank derives the sizes from the split rule. Several (text and image):
-            # which one reached the gather is not known, so exchange sizes — a choice every rank makes alike,
-            # since the totals are global (a choice by this rank's own length would not be).
-            totals = {t for _, t in call.splits}
-            total = totals.pop() if len(totals) == 1 else None
-            full = self.ctx.gather_seq(x, dim, step=call.stream_step, total=total)
+            else:
+                # One split token set: every rank derives the sizes from the split rule. Several (text and
+                # image): which one reached the gather is not known, so exchange sizes — a choice every rank
+                # makes alike, since the totals are global (a choice by this rank's own length would not be).
+                totals = {t for _, t in call.splits}
+                total = totals.pop() if len(totals) == 1 else None
+                full = self.ctx.gather_seq(x, dim, step=call.stream_step, total=total)
             call.gathered, call.sharded = True, False
             if spec.index is None:
                 return full
@@ -452,15 +447,7 @@ class TransformerRuntime:
             if runtime.pipe is not None:
                 out = runtime._pipeline_step(original, bound, call)
             else:
-                runtime.call = call
-                try:
-                    for name, spec in runtime._top.items():
-                        if arguments.get(name) is not None:
-                            arguments[name] = runtime._split(arguments[name], spec, f"input {name}")
-                    out = original(*bound.args, **bound.kwargs)
-                    runtime._check_call(call)
-                finally:
-                    runtime.call = None
+                out = runtime._pass(original, bound, call)
             runtime.calls += 1
             if ctx.cfg_world > 1:
                 out = runtime._gather_cfg(out)
@@ -469,6 +456,19 @@ class TransformerRuntime:
         # wrapper around the parallelized transformer then runs it eagerly (exact); compiled blocks inside
         # (compile_repeated_blocks) stay compiled, with graph breaks at the routed attention calls.
         return torch.compiler.disable(forward)
+
+    def _pass(self, original, bound, call: _Call):
+        """One forward of the model as ``call``: the plan's top-level splits applied to ``bound``, then checked."""
+        self.call = call
+        try:
+            for name, spec in self._top.items():
+                if bound.arguments.get(name) is not None:
+                    bound.arguments[name] = self._split(bound.arguments[name], spec, f"input {name}")
+            out = original(*bound.args, **bound.kwargs)
+            self._check_call(call)
+        finally:
+            self.call = None
+        return out
 
     def _pipeline_step(self, original, bound, first: _Call):
         """pipefusion: one denoising step's passes (one per patch; one whole pass while synchronous)."""
@@ -487,17 +487,8 @@ class TransformerRuntime:
         self._pipe_out = None
         for p in range(m):
             call = _Call(ns=first.ns, stream_step=first.stream_step, joint_tokens=first.joint_tokens, part=(p, m))
-            args = inspect.BoundArguments(bound.signature, dict(bound.arguments))
-            self.call = call
             ctx.patch = None
-            try:
-                for name, spec in self._top.items():
-                    if args.arguments.get(name) is not None:
-                        args.arguments[name] = self._split(args.arguments[name], spec, f"input {name}")
-                out = original(*args.args, **args.kwargs)
-                self._check_call(call)
-            finally:
-                self.call = None
+            out = self._pass(original, inspect.BoundArguments(bound.signature, dict(bound.arguments)), call)
         ctx.use_branch(first.ns)
         out = self.pipe.output(out, first.stream_step)
         ctx.patch = None
