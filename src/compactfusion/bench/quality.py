@@ -68,6 +68,13 @@ EXTRA_METHODS = (
     dict(name="ring+binary/o2auto", strategy="ring", codec="binary", residual_order=2, error_feedback=True,
          family="compact", delta_decay="auto"),
 )
+#: PipeFusion (issue 12): stage-boundary activations as residual streams; uncompressed PipeFusion is itself
+#: stale (one-step-old K/V of the other patches), so its compressed rows compare with it and with DistriFusion.
+PIPEFUSION_METHODS = tuple(
+    dict(name="pipefusion" + ("" if c == "none" else f"+{c}") + ("/o2" if order == 2 else ""), strategy="pipefusion",
+         codec=c, residual_order=None if c == "none" else order, error_feedback=None if c == "none" else True,
+         family="pipeline (stale)" if c == "none" else "pipeline+compact", quick=c == "none" or order == 2)
+    for c, order in (("none", None), ("int8", 1), ("int4", 1), ("int4", 2), ("int2", 1), ("binary", 1)))
 
 
 def methods(codecs=CODECS, quick: bool = False) -> list[dict]:
@@ -85,7 +92,7 @@ def methods(codecs=CODECS, quick: bool = False) -> list[dict]:
                 continue
             out.append(dict(name=f"ring+{c}" + ("" if tag == "ef" else f"/{tag}"), strategy="ring", codec=c,
                             residual_order=order, error_feedback=ef, family=fam))
-    for m in EXTRA_METHODS:
+    for m in EXTRA_METHODS + PIPEFUSION_METHODS:
         if not quick or m.get("quick"):
             out.append({k: v for k, v in m.items() if k != "quick"})
     if not quick:
@@ -108,8 +115,9 @@ def parallel_config(m: dict, link=None, warmup: int = WARMUP, timeout_s: float =
                           ulysses_degree=m.get("ulysses_degree"), ring_degree=m.get("ring_degree"))
 
 
-#: Ledger tensors that carry the attention streams (coded when compressed); "out"/"cfg_out"/"joint_o" are not.
-STREAM_TENSORS = ("kv", "qkv", "o")
+#: Ledger tensors that carry the coded streams: attention K/V (Ulysses q/k/v/o) and PipeFusion's stage-boundary
+#: activations ("hidden"); "out"/"cfg_out"/"joint_o" are not coded.
+STREAM_TENSORS = ("kv", "qkv", "o", "hidden")
 
 
 def stream_bytes(ledger) -> dict:
@@ -284,6 +292,9 @@ def quality_worker(rank, world, plan):
                     totals[k] = totals.get(k, 0) + v
         finally:
             cf.unparallelize(pipe)
+            if m["strategy"] == "pipefusion":  # it released the other stages' weights: reload for the next method
+                pipe = load_digits_pipeline(plan.get("model"))
+                pipe.set_progress_bar_config(disable=True)
         allt = [None] * world
         dist.all_gather_object(allt, (totals, wall))
         if rank == 0:
@@ -607,7 +618,8 @@ def run(a) -> tuple[list[dict], str, list[str], dict]:
 
 GRID = ("single-device", "patch", "ring", "distrifusion", "diffusers-ring", "ring+binary", "ring+int2", "ring+int4",
         "ring+binary/noef", "ring+binary/naive", "ring+int2/naive", "distrifusion+binary",
-        "single-device (1/call)", "ring+lowrank-int4:32", "ring+lowrank:8", "ring+lowrank-int4:32/naive")
+        "single-device (1/call)", "ring+lowrank-int4:32", "ring+lowrank:8", "ring+lowrank-int4:32/naive", "pipefusion",
+        "pipefusion+int4", "pipefusion+binary")
 
 
 def plot_all(rows, curves, out: Path, grid_seeds: int) -> list[str]:
@@ -653,6 +665,11 @@ def claims(rows: list[dict]) -> list[dict]:
         add(f"{BEST_ONE_BIT} >= 50 dB at <= 1.1 bits per element (K/V after warmup, ledger)",
             best["psnr"] >= 50.0 and best["bits_per_element"] <= 1.1,
             f"{best['psnr']:.2f} dB at {best['bits_per_element']:.3f} bits")
+    pf = by.get("pipefusion")
+    for name in ("pipefusion+int8", "pipefusion+int4/o2"):
+        if pf and name in by:
+            add(f"{name} within 1 dB of uncompressed PipeFusion", by[name]["psnr"] >= pf["psnr"] - 1.0,
+                f"{by[name]['psnr']:.2f} vs {pf['psnr']:.2f} dB at {pf['bytes_per_image'] / max(1.0, by[name]['bytes_per_image']):.1f}x fewer bytes")
     for full, lossy in (("ring+binary", "ring+binary/int8-warmup"), ("ring+binary/fp16-warmup", "ring+binary/int8-warmup"),
                         (BEST_ONE_BIT, BEST_ONE_BIT + "/int8-warmup")):
         if full in by and lossy in by:
