@@ -41,7 +41,8 @@ LATENCIES = ("100us", "1ms")  # swept at LATENCY_BW (the bandwidth sweep uses la
 LATENCY_BW = "inf"
 LATENCY_METHODS = ("patch", "ring", "ring+binary", "diffusers-ring")  # the latency sweep's subset (W=4 only)
 SLOW_BW = "1MB/s"  # communication-bound point (uncompressed ring >= 95% communicating): a subset, largest W only
-SLOW_METHODS = ("ring", "ring+binary", "ring+auto", "diffusers-ring")
+SLOW_METHODS = ("ring", "ring+binary", "ring+auto", "diffusers-ring", "pipefusion", "pipefusion+int8",
+                "pipefusion+int4/o2")
 SHAPED_METHODS = ("ring", "ring+binary")
 
 
@@ -54,7 +55,11 @@ def methods(world: int, quick: bool = False) -> list[dict]:
           dict(name="ring+int2", strategy="ring", codec="int2"),
           dict(name="ring+lowrank-int4:32", strategy="ring", codec="lowrank-int4:32"),
           dict(name="distrifusion+binary", strategy="distrifusion", codec="binary"),
-          dict(name="ring+auto", strategy="ring", codec="auto")]
+          dict(name="ring+auto", strategy="ring", codec="auto"),
+          # PipeFusion (issue 12): M = W patches; its boundary streams code well at int8/int4 (bench quality)
+          dict(name="pipefusion", strategy="pipefusion", codec="none"),
+          dict(name="pipefusion+int8", strategy="pipefusion", codec="int8"),
+          dict(name="pipefusion+int4/o2", strategy="pipefusion", codec="int4", residual_order=2)]
     if world == 4:
         ms.append(dict(name="usp(2x2)", strategy="usp", codec="none", ulysses_degree=2, ring_degree=2))
     if quick:
@@ -154,6 +159,9 @@ def latency_worker(rank, world, plan):
                 choice = _auto_choice(cf.stats(pipe))  # identical on every rank (auto decides collectively)
             finally:
                 cf.unparallelize(pipe)
+                if m["strategy"] == "pipefusion":  # it released the other stages' weights: reload for the next method
+                    pipe = load_digits_pipeline(plan.get("model"))
+                    pipe.set_progress_bar_config(disable=True)
             if rank == 0:
                 rows.append({"method": m["name"], "strategy": m["strategy"], "codec": m["codec"], "world_size": world,
                              "bandwidth": bw, "latency": lat, "wall_s": best, **_bytes_fields(per_rank)})
@@ -560,6 +568,17 @@ def headline(rows, w: int) -> list[dict]:
                         "ok": (b["speedup_vs_diffusers_ring"] >= 5.0) if regime else None,
                         "value": f"{b['speedup_vs_diffusers_ring']:.2f}x (byte bound "
                                  f"{b['byte_bound_vs_diffusers_ring']:.1f}x)"})
+    pf_rows = [r for r in rows if r["world_size"] == w and r["method"] == "pipefusion" and r["latency"] == "0"
+               and r["bandwidth"] != "inf"]
+    pf = min(pf_rows, key=lambda r: _link(r["bandwidth"], "0").bandwidth, default=None)  # the slowest link measured
+    if pf:
+        for name in ("pipefusion+int4/o2", "pipefusion+int8"):
+            c = by.get((name, pf["bandwidth"], "0"))
+            if c:
+                out.append({"claim": f"W={w}, {pf['bandwidth']}: {name} >= 3x faster than uncompressed PipeFusion",
+                            "ok": pf["wall_s"] >= 3.0 * c["wall_s"],
+                            "value": f"{pf['wall_s'] / c['wall_s']:.2f}x ({c['wall_s']:.2f} s vs {pf['wall_s']:.2f} s; "
+                                     f"byte bound {pf['bytes_max_rank'] / max(1, c['bytes_max_rank']):.1f}x)"})
     ring_u, bin_u = by.get(("ring", "inf", "0")), by.get(("ring+binary", "inf", "0"))
     if ring_u and bin_u:
         out.append({"claim": f"W={w}, unlimited link: ring+binary costs <= 10% more than uncompressed ring",
