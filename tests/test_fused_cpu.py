@@ -1,6 +1,7 @@
 """Fused CPU codecs (C kernels) against the PyTorch reference: same bytes, same reconstruction bits."""
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
@@ -270,3 +271,102 @@ def test_triton_failure_falls_back_under_auto_only(monkeypatch):
         assert torch.equal(get_codec("binary").decode(want, (6, 10)), get_codec("binary", impl="reference").decode(want, (6, 10)))
     with pytest.raises(RuntimeError, match="no kernel"):
         get_codec("binary", impl="triton").encode(x)
+
+
+# ---- small-shape fast path: cached scratch, mean folded into the kernels -------------------------
+
+
+def test_torch_mean_is_sum_then_one_division():
+    """cf_sign_stats turns torch's sum(tok) into tok.mean() with one fp32 division by n: that is how
+    CPU torch computes mean. A torch that changed it (e.g. to sum * (1/n)) fails here first."""
+    g = torch.Generator().manual_seed(8)
+    for n in (1, 3, 7, 64, 100, 136, 1000, 1088, 4097):
+        for _ in range(20):
+            t = torch.rand(n, generator=g) * 10.0 ** float(torch.randint(-30, 30, (1,), generator=g))
+            want = t.mean()
+            got = torch.from_numpy(t.sum().numpy().reshape(1) / np.float32(n))[0]
+            assert torch.equal(_bits(want.reshape(1)), _bits(got.reshape(1))), (n, float(want), float(got))
+
+
+@pytest.mark.parametrize("spec", SPECS)
+def test_returned_tensors_never_alias_cached_scratch(spec, lib):
+    """Scratch is reused per shape; every payload and reconstruction is fresh memory that the next
+    call leaves alone."""
+    g = torch.Generator().manual_seed(9)
+    codec, ref = get_codec(spec), get_codec(spec, impl="reference")
+    x1, x2 = torch.randn(64, 128, generator=g), torch.randn(64, 128, generator=g) * 5
+    p1 = cpu.encode(lib, codec, x1, BITS[spec])
+    keep = p1.clone()
+    p2 = cpu.encode(lib, codec, x2, BITS[spec])
+    assert torch.equal(p1, keep) and torch.equal(p1, ref.encode(x1)) and torch.equal(p2, ref.encode(x2))
+    scratch = codec.scratch.get(64, 128, 64)
+    assert codec.scratch.get(64, 128, 64) is scratch  # cached, not rebuilt
+    y1 = codec.decode(p1, (64, 128))
+    y_keep = y1.clone()
+    y2 = codec.decode(p2, (64, 128))
+    assert torch.equal(y1, y_keep) and torch.equal(_bits(y1), _bits(ref.decode(p1, (64, 128))))
+    lo, hi = scratch.mem.data_ptr(), scratch.mem.data_ptr() + scratch.mem.numel() * 4
+    for t in (p1, p2, y1, y2):
+        assert not lo <= t.data_ptr() < hi  # nothing returned lives in the scratch
+    assert p1.data_ptr() != p2.data_ptr() and y1.data_ptr() != y2.data_ptr()
+
+
+@pytest.mark.parametrize("spec", SPECS)
+def test_scratch_reuse_across_shapes_inputs_and_fallbacks(spec):
+    """Nothing a cached buffer held before changes the next encode: alternating shapes, dtypes,
+    residual inputs, a NaN input and an overflowing one (both refused or re-encoded by the reference)."""
+    g = torch.Generator().manual_seed(10)
+    codec, ref = get_codec(spec), get_codec(spec, impl="reference")
+    for i in range(3):
+        for shape in ((64, 128), (5, 17), (64, 128), (1, 1)):
+            x = torch.randn(*shape, generator=g) * 10.0 ** (i - 1)
+            assert torch.equal(codec.encode(x), ref.encode(x)), (shape, i)
+            assert torch.equal(codec.encode(x.half()), ref.encode(x.half()))
+            pred = torch.randn(*shape, generator=g)
+            assert torch.equal(codec.encode_residual(x, pred), ref.encode(x - pred))
+        bad = torch.randn(64, 128, generator=g)
+        bad[3, 4] = float("nan")
+        with pytest.raises(ValueError, match="NaN"):
+            codec.encode(bad)
+        huge = torch.full((64, 128), 3e38)
+        assert torch.equal(codec.encode(huge), ref.encode(huge))
+    assert len(codec.scratch.by_shape) == 3  # one cached Scratch per shape
+
+
+def test_scratch_is_per_thread_bounded_and_not_copied():
+    import copy
+    import pickle
+    import threading
+
+    codec = get_codec("int2")
+    g = torch.Generator().manual_seed(11)
+    xs = [torch.randn(64, 128, generator=g) for _ in range(4)]
+    want = [get_codec("int2", impl="reference").encode(x) for x in xs]
+    errors, seen = [], []
+
+    def worker(k):
+        try:
+            for _ in range(30):
+                if not torch.equal(codec.encode(xs[k]), want[k]):
+                    errors.append(k)
+            seen.append(codec.scratch.get(64, 128, 64))
+        except Exception as e:  # noqa: BLE001 - reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=worker, args=(k,)) for k in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+    assert len({id(s) for s in seen}) == 4  # one buffer per thread, never shared
+    for n in range(1, cpu.SCRATCH_CACHE_SHAPES + 5):
+        codec.encode(torch.randn(n, 3, generator=g))
+    assert len(codec.scratch.by_shape) <= cpu.SCRATCH_CACHE_SHAPES
+    big = torch.randn(600, 200, generator=g)  # block over SCRATCH_CACHE_ELEMS: allocated per call, not kept
+    assert 600 * 200 > cpu.SCRATCH_CACHE_ELEMS
+    codec.scratch.by_shape.clear()
+    assert torch.equal(codec.encode(big), get_codec("int2", impl="reference").encode(big))
+    assert codec.scratch.by_shape == {}
+    for clone in (copy.deepcopy(codec), pickle.loads(pickle.dumps(codec))):
+        assert clone.scratch.by_shape == {} and torch.equal(clone.encode(xs[0]), want[0])

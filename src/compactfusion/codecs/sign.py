@@ -109,13 +109,26 @@ def _values(values: list[float], device) -> torch.Tensor:
     return v
 
 
-class BinaryCodec(Codec):
-    """``binary``: [sign bits N*ceil(C/8)][a: N fp16][b: C fp16]; x_hat = (+1 if bit else -1) * a[n] * b[c]."""
-
-    spec = "binary"
+class _SignCodec(Codec):
+    """What binary and int2 share: the implementation choice and the fused path's scratch memory."""
 
     def __init__(self, impl: str = "auto"):
         self.impl = fused.check_impl(impl)  # see codecs/fused: auto, reference, fused, triton
+
+    @property
+    def scratch(self) -> fused.cpu.ScratchCache:
+        """Per-thread, per-shape scratch buffers of the fused CPU encoder, made on first use (many codec
+        objects are only asked for byte counts). Buffers, not state: see fused.cpu.Scratch."""
+        cache = self.__dict__.get("_scratch")
+        if cache is None:
+            cache = self.__dict__["_scratch"] = fused.cpu.ScratchCache()
+        return cache
+
+
+class BinaryCodec(_SignCodec):
+    """``binary``: [sign bits N*ceil(C/8)][a: N fp16][b: C fp16]; x_hat = (+1 if bit else -1) * a[n] * b[c]."""
+
+    spec = "binary"
 
     def encoded_nbytes(self, n: int, c: int) -> int:
         return n * packed_len(c, 1) + 2 * (n + c)
@@ -149,7 +162,7 @@ class BinaryCodec(Codec):
         return _decode_add(self, payload, shape, base, 1, BINARY_LEVELS)
 
 
-class Int2Codec(Codec):
+class Int2Codec(_SignCodec):
     """``int2``: [2-bit fields N*ceil(C/4)][a: N fp16][b: C fp16].
 
     field = (sign << 1) | mag, sign = [x >= 0], mag = [|x| > a[n]*b[c]];
@@ -157,9 +170,6 @@ class Int2Codec(Codec):
     """
 
     spec = "int2"
-
-    def __init__(self, impl: str = "auto"):
-        self.impl = fused.check_impl(impl)
 
     def encoded_nbytes(self, n: int, c: int) -> int:
         return n * packed_len(c, 2) + 2 * (n + c)

@@ -83,14 +83,12 @@ def encode(impl: str, codec, x: torch.Tensor, bits: int, sub: torch.Tensor | Non
     kind = backend(impl, x.device)
     if kind == "reference":
         return None
-    n, c = x.shape
-    blocks = row_blocks(n, c, x.device)
     if kind == "cpu-c":
-        return cpu.encode(_cpu_lib(), codec, x, bits, blocks, sub)
+        return cpu.encode(_cpu_lib(), codec, x, bits, None, sub)  # blocks computed there when needed
     if sub is not None:
         x = x.float() - sub
     try:
-        return _triton().encode(codec, x, bits, blocks)
+        return _triton().encode(codec, x, bits, row_blocks(*x.shape, x.device))
     except (ValueError, TypeError):  # the input's fault (NaN/Inf ...): same error as the reference
         raise
     except Exception as e:  # noqa: BLE001 - e.g. a GPU this triton cannot compile for

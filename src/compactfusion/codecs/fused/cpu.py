@@ -23,25 +23,32 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import threading
 from pathlib import Path
 
 import torch
 
+from ..numeric import CPU_BLOCK_ELEMS, row_blocks
 from .csrc import SOURCE
 
 #: Set to a directory to keep the built kernels elsewhere (default ~/.cache/compactfusion/kernels).
 CACHE_ENV = "COMPACTFUSION_KERNEL_CACHE"
 _DTYPES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
-_VP, _I64, _I32, _F32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_float
+_VP, _I64, _I32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
 _SIGNATURES = {
     "cf_abs_bits": (None, [_VP, _I32, _I64, _I64, _I64, _VP, _VP, _VP, _I64]),
     "cf_div_sums": (None, [_VP, _I64, _VP, _I64]),
-    "cf_sign_stats": (_I32, [_VP, _I64, _VP, _I64, _F32, _VP]),
-    "cf_sign_factors": (None, [_VP, _I64, _VP, _I64, _F32, _VP, _F32, _VP, _VP]),
-    "cf_int2_fields": (_I32, [_VP, _I32, _I64, _I64, _I64, _VP, _VP, _VP, _VP, _I64]),
+    "cf_sign_stats": (_I32, [_VP, _I64, _VP, _I64, _VP, _VP]),
+    "cf_sign_finish": (_I32, [_VP, _I64, _VP, _I64, _VP, _VP, _VP, _I32, _VP, _I32, _I64, _VP, _VP, _I64]),
     "cf_sign_decode": (_I32, [_VP, _I64, _I64, _I32, _VP, _VP, _I32, _VP]),
     "cf_simd": (_I32, []),
 }
+#: Encodes whose |x| block has at most this many elements keep their scratch between calls (see
+#: ScratchCache): at 64x128 allocating and slicing it cost as much as the kernels. Larger shapes
+#: allocate per call (noise next to their passes) so that idle codecs hold no big buffers.
+SCRATCH_CACHE_ELEMS = 1 << 16
+#: Distinct small shapes kept per codec and thread before the cache starts over.
+SCRATCH_CACHE_SHAPES = 16
 
 
 def _compiler() -> str | None:
@@ -120,9 +127,54 @@ def load(portable: bool = False):
     return lib
 
 
-def encode(lib, codec, x: torch.Tensor, bits: int, blocks: list[slice], sub: torch.Tensor | None = None):
+class Scratch:
+    """fp32 scratch of one encode shape: tok (n), chan (c), sum then mean of tok, work (2), sqrt(work[0]), then
+    the |x| block buffer (rows0 x c); each part starts 64-byte aligned like a fresh tensor. The
+    views and raw pointers are made once. It carries nothing from one encode to the next: every
+    element is written before it is read, and nothing returned to the caller points into it."""
+
+    __slots__ = ("mem", "tok", "chan", "mean", "q", "root", "buf", "tok_p", "chan_p", "mean_p", "work_p",
+                 "root_p", "buf_p")
+
+    def __init__(self, n: int, c: int, rows0: int):
+        o_chan = -(-n // 16) * 16
+        o_mean = o_chan + -(-c // 16) * 16
+        o_buf = o_mean + 16
+        self.mem = torch.empty(o_buf + rows0 * c, dtype=torch.float32)
+        self.tok, self.chan = self.mem[:n], self.mem[o_chan:o_chan + c]
+        self.mean, self.q, self.root = self.mem[o_mean], self.mem[o_mean + 1], self.mem[o_mean + 3]  # 0-dim views
+        self.buf = self.mem[o_buf:].view(rows0, c)
+        base = self.mem.data_ptr()
+        self.tok_p, self.chan_p, self.buf_p = base, base + 4 * o_chan, base + 4 * o_buf
+        self.mean_p, self.work_p, self.root_p = base + 4 * o_mean, base + 4 * (o_mean + 1), base + 4 * (o_mean + 3)
+
+
+class ScratchCache(threading.local):
+    """Per-thread small-shape Scratch of one codec instance (threads never share a buffer). Copying or
+    pickling a codec gives it an empty cache: buffers are not part of a codec's value."""
+
+    def __init__(self):
+        self.by_shape: dict[tuple[int, int, int], Scratch] = {}
+
+    def get(self, n: int, c: int, rows0: int) -> Scratch:
+        s = self.by_shape.get((n, c, rows0))
+        if s is None:
+            if rows0 * c > SCRATCH_CACHE_ELEMS:
+                return Scratch(n, c, rows0)
+            if len(self.by_shape) >= SCRATCH_CACHE_SHAPES:
+                self.by_shape.clear()
+            s = self.by_shape[(n, c, rows0)] = Scratch(n, c, rows0)
+        return s
+
+    def __reduce__(self):
+        return (type(self), ())
+
+
+def encode(lib, codec, x: torch.Tensor, bits: int, blocks: list[slice] | None = None,
+           sub: torch.Tensor | None = None):
     """Fused encode of x (or of x.float() - sub, sub fp32 (n, c)); None when the reference must take
-    over (NaN/Inf or sum overflow)."""
+    over (NaN/Inf or sum overflow). ``blocks``: row_blocks(n, c, cpu), computed here when None.
+    Scratch comes from ``codec.scratch`` (a ScratchCache) where the codec has one."""
     n, c = x.shape
     if x.dtype == torch.float64:
         x = x.float()  # what the reference does first; fp32 from here on
@@ -130,39 +182,41 @@ def encode(lib, codec, x: torch.Tensor, bits: int, blocks: list[slice], sub: tor
         x = x.contiguous()
     if sub is not None and not sub.is_contiguous():
         sub = sub.contiguous()
+    if blocks is None and n * c > CPU_BLOCK_ELEMS:
+        blocks = row_blocks(n, c, x.device)
+    rows0 = n if blocks is None else blocks[0].stop - blocks[0].start
+    cache = getattr(codec, "scratch", None)
+    s = cache.get(n, c, rows0) if isinstance(cache, ScratchCache) else Scratch(n, c, rows0)
     sp = None if sub is None else sub.data_ptr()
-    dt, ld, es = _DTYPES[x.dtype], x.stride(0), x.element_size()
+    dt, ld = _DTYPES[x.dtype], x.stride(0)
     p = -(-c // (8 // bits))
-    payload = torch.empty(n * p + 2 * (n + c), dtype=torch.uint8)
-    base = payload.data_ptr()
-    # One scratch allocation (allocations cost as much as a small kernel here): tok, 2 floats for
-    # cf_sign_stats, then the |x| block buffer, each starting 64-byte aligned like a fresh tensor.
-    rows0 = blocks[0].stop - blocks[0].start
-    off = -(-(n + 2) // 16) * 16
-    scratch = torch.empty(off + rows0 * c, dtype=torch.float32)
-    tok, work = scratch[:n], scratch[n:n + 2]
-    buf = scratch[off:].view(rows0, c)
-    chan = None
-    xp = x.data_ptr()
-    for rows in blocks:
-        k = rows.stop - rows.start
-        ab = buf if k == buf.shape[0] else buf[:k]
-        lib.cf_abs_bits(xp + rows.start * ld * es, dt, k, c, ld, None if sp is None else sp + rows.start * c * 4,
-                        ab.data_ptr(), base + rows.start * p if bits == 1 else None, p)
-        # Same calls on the same block shapes as sign._abs_sums: identical fp32 sums.
-        torch.sum(ab, 1, out=tok if k == n else tok[rows])
-        part = ab.sum(0)
-        chan = part if chan is None else chan.add_(part)  # == zeros + part + ... (sums of |x| are never -0)
-    lib.cf_div_sums(tok.data_ptr(), n, chan.data_ptr(), c)
-    mean = float(tok.mean())
-    if lib.cf_sign_stats(tok.data_ptr(), n, chan.data_ptr(), c, mean, work.data_ptr()):
+    payload = torch.empty(n * p + 2 * (n + c), dtype=torch.uint8)  # fresh: the caller keeps it
+    base, xp = payload.data_ptr(), x.data_ptr()
+    if rows0 == n:  # one block (every shape up to CPU_BLOCK_ELEMS)
+        lib.cf_abs_bits(xp, dt, n, c, ld, sp, s.buf_p, base if bits == 1 else None, p)
+        # Same calls on the same block shape as sign._abs_sums: identical fp32 sums (zeros + s == s,
+        # sums of |x| are never -0, so the column sum goes straight into chan).
+        torch.sum(s.buf, 1, out=s.tok)
+        torch.sum(s.buf, 0, out=s.chan)
+    else:
+        es = x.element_size()
+        for rows in blocks:
+            k = rows.stop - rows.start
+            ab = s.buf if k == rows0 else s.buf[:k]
+            lib.cf_abs_bits(xp + rows.start * ld * es, dt, k, c, ld, None if sp is None else sp + rows.start * c * 4,
+                            ab.data_ptr(), base + rows.start * p if bits == 1 else None, p)
+            torch.sum(ab, 1, out=s.tok[rows])
+            if rows.start == 0:
+                torch.sum(ab, 0, out=s.chan)
+            else:
+                s.chan.add_(ab.sum(0))
+    lib.cf_div_sums(s.tok_p, n, s.chan_p, c)
+    torch.sum(s.tok, 0, out=s.mean)  # cf_sign_stats turns it into tok.mean() (see csrc.py)
+    if lib.cf_sign_stats(s.tok_p, n, s.chan_p, c, s.mean_p, s.work_p):
         return None
-    sqrt_q = float(torch.sqrt(work[0]))  # torch's sqrt, bit for bit what balance_gain computes
-    a_ptr = base + n * p
-    lib.cf_sign_factors(tok.data_ptr(), n, chan.data_ptr(), c, mean, work.data_ptr(), sqrt_q, a_ptr, a_ptr + 2 * n)
-    if bits == 2:
-        if lib.cf_int2_fields(x.data_ptr(), dt, n, c, ld, sp, a_ptr, a_ptr + 2 * n, base, p):
-            raise MemoryError(f"int2 encode: no memory for {c} channel factors")
+    torch.sqrt(s.q, out=s.root)  # torch's sqrt, bit for bit what balance_gain computes
+    if lib.cf_sign_finish(s.tok_p, n, s.chan_p, c, s.mean_p, s.work_p, s.root_p, bits, xp, dt, ld, sp, base, p):
+        raise MemoryError(f"int2 encode: no memory for {c} channel factors")
     return payload
 
 

@@ -150,17 +150,21 @@ static inline float nanmax(float acc, float v) { return (v > acc || v != v) ? v 
 
 /* sign.sign_scales after mean(tok), part 1: the finiteness probe amax(tok) + amax(chan), and the
    argument of the balance gain's square root, q = amax(chan) / max(amax(tokn), tiny), into work[0]
-   (work[1] = 1 where both maxima are > 0, else the gain is 1). Returns 1 when the probe is not
-   finite: the caller then falls back to the reference, which raises on NaN/Inf or re-sums with
-   clamping. The square root itself is torch's (CPU torch.sqrt is not always correctly rounded,
-   so an IEEE sqrtf here would differ from the reference in the last bit). */
-int cf_sign_stats(const float *tok, int64_t n, const float *chan, int64_t c, float mean, float *work) {
+   (work[1] = 1 where both maxima are > 0, else the gain is 1). *mean holds torch's sum(tok) on entry
+   and mean(tok) on return: CPU torch computes tok.mean() as sum(tok) followed by one fp32 division
+   by n (tests/test_fused_cpu.py checks that), and doing the division here saves a torch dispatch;
+   reading the sum through a pointer saves a tensor -> Python float round trip. Returns 1 when the
+   probe is not finite: the caller then falls back to the reference, which raises on NaN/Inf or
+   re-sums with clamping. The square root itself is torch's (CPU torch.sqrt is not always correctly
+   rounded, so an IEEE sqrtf here would differ from the reference in the last bit). */
+int cf_sign_stats(const float *tok, int64_t n, const float *chan, int64_t c, float *mean, float *work) {
     const float tiny = 0x1.0p-126f;
+    *mean = *mean / (float)n;
     float tmax = -INFINITY, cmax = -INFINITY;
     for (int64_t i = 0; i < n; ++i) tmax = nanmax(tmax, tok[i]);
     for (int64_t j = 0; j < c; ++j) cmax = nanmax(cmax, chan[j]);
     if (!isfinite(tmax + cmax)) return 1;
-    const float den = mean < tiny ? tiny : mean;
+    const float den = *mean < tiny ? tiny : *mean;
     float tnmax = -INFINITY;
     for (int64_t i = 0; i < n; ++i) tnmax = nanmax(tnmax, tok[i] / den);
     work[0] = cmax / (tnmax < tiny ? tiny : tnmax);
@@ -168,10 +172,10 @@ int cf_sign_stats(const float *tok, int64_t n, const float *chan, int64_t c, flo
     return 0;
 }
 
-/* Part 2: g = sqrt(q) where work[1] else 1; a = fp16(clamp(tokn * g)), b = fp16(clamp(chan / max(g,
-   tiny))), written unaligned into a16 (n) and b16 (c). */
-void cf_sign_factors(const float *tok, int64_t n, const float *chan, int64_t c, float mean, const float *work,
-                     float sqrt_q, uint8_t *a16, uint8_t *b16) {
+/* Part 2: g = sqrt(q) (*root, torch's) where work[1] else 1; a = fp16(clamp(tokn * g)),
+   b = fp16(clamp(chan / max(g, tiny))), written unaligned into a16 (n) and b16 (c). */
+static void sign_factors(const float *tok, int64_t n, const float *chan, int64_t c, float mean, const float *work,
+                         float sqrt_q, uint8_t *a16, uint8_t *b16) {
     const float tiny = 0x1.0p-126f;
     const float den = mean < tiny ? tiny : mean;
     const float g = work[1] != 0.0f ? sqrt_q : 1.0f;
@@ -190,7 +194,7 @@ void cf_sign_factors(const float *tok, int64_t n, const float *chan, int64_t c, 
 
 /* int2 fields (sign << 1) | [|x| * (1/b[c]) > a[n]], 4 per byte LSB-first, pad fields 0.
    a16/b16 are the wire factors (unaligned fp16). */
-int cf_int2_fields(const void *x, int dt, int64_t rows, int64_t c, int64_t ldx, const float *sub,
+static int int2_fields(const void *x, int dt, int64_t rows, int64_t c, int64_t ldx, const float *sub,
                     const uint8_t *a16, const uint8_t *b16, uint8_t *out, int64_t p) {
     float *inv_b = (float *)malloc((size_t)(c + 8) * sizeof(float));
     if (!inv_b) return -1;
@@ -231,6 +235,17 @@ int cf_int2_fields(const void *x, int dt, int64_t rows, int64_t c, int64_t ldx, 
     }
     free(inv_b);
     return 0;
+}
+
+/* The rest of an encode after torch's sqrt, in one call: the wire factors into payload (after the
+   n*p field bytes) and, for bits == 2, the int2 fields (binary's sign bits came with |x|). Returns -1
+   when the int2 scratch cannot be allocated. */
+int cf_sign_finish(const float *tok, int64_t n, const float *chan, int64_t c, const float *mean, const float *work,
+                   const float *root, int bits, const void *x, int dt, int64_t ldx, const float *sub, uint8_t *payload,
+                   int64_t p) {
+    uint8_t *a16 = payload + n * p, *b16 = a16 + 2 * n;
+    sign_factors(tok, n, chan, c, *mean, work, *root, a16, b16);
+    return bits == 2 ? int2_fields(x, dt, n, c, ldx, sub, a16, b16, payload, p) : 0;
 }
 
 /* Decode x_hat[n, c] = (level(field) * b[c]) * a[n] into out (dtype odt). bits = 1 (binary:
