@@ -9,7 +9,6 @@ space; Flux's 2x2 packing gives 16x16 = 256 image tokens with 4 channels.
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
@@ -19,9 +18,11 @@ from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.utils import BaseOutput
 from PIL import Image
 
+from ._folder import save_pipeline_folder
+from ._sampling import GuidedPipelineMixin, cfg_labels, check_call, denoise, draw_noise
+from ._sampling import NULL_CLASS, NUM_CLASSES, parse_label  # noqa: F401 - public here (train, serve, cli, bench)
+
 BUNDLED_DIR = Path(__file__).resolve().parent / "assets" / "digits"
-NUM_CLASSES = 10
-NULL_CLASS = NUM_CLASSES  # the label used for the unconditional branch of classifier-free guidance
 IMAGE_SIZE = 32
 PACK = 2  # Flux packs 2x2 pixels into one token
 
@@ -67,29 +68,11 @@ def image_ids(height: int, width: int) -> torch.Tensor:
     return ids.view(gh * gw, 3)
 
 
-def parse_label(prompt) -> int:
-    """Prompts for the bundled model are digits: 7, "7" or "a 7"."""
-    if isinstance(prompt, bool):
-        raise TypeError(f"prompt must be a digit 0-9 (int or str), got {prompt!r}")
-    if isinstance(prompt, int):
-        value = prompt
-    elif isinstance(prompt, str):
-        digits = [ch for ch in prompt if ch.isdigit()]
-        if len(digits) != 1:
-            raise ValueError(f"the bundled digits model takes a single digit 0-9 as prompt, got {prompt!r}")
-        value = int(digits[0])
-    else:
-        raise TypeError(f"prompt must be a digit 0-9 (int or str), got {type(prompt).__name__}")
-    if not 0 <= value < NUM_CLASSES:
-        raise ValueError(f"the bundled digits model takes a single digit 0-9 as prompt, got {prompt!r}")
-    return value
-
-
 class DigitsPipelineOutput(BaseOutput):
     images: list | np.ndarray | torch.Tensor
 
 
-class DigitsPipeline(DiffusionPipeline):
+class DigitsPipeline(GuidedPipelineMixin, DiffusionPipeline):
     """Rectified-flow sampler for the bundled digits model (Euler steps, classifier-free guidance).
 
     The denoising loop is a stock diffusers loop: one ``transformer`` call per step with the conditional
@@ -104,58 +87,31 @@ class DigitsPipeline(DiffusionPipeline):
         super().__init__()
         self.register_modules(transformer=transformer, label_embedder=label_embedder, scheduler=scheduler)
 
-    @property
-    def do_classifier_free_guidance(self) -> bool:
-        return self._guidance_scale > 1.0
-
     @torch.no_grad()
     def __call__(self, prompt=0, num_inference_steps: int = 20, guidance_scale: float = 2.5, height: int = IMAGE_SIZE,
                  width: int = IMAGE_SIZE, generator: torch.Generator | None = None, num_images_per_prompt: int = 1,
                  output_type: str = "pil", return_dict: bool = True):
-        prompts = list(prompt) if isinstance(prompt, (list, tuple)) else [prompt]
-        labels = [parse_label(p) for p in prompts for _ in range(num_images_per_prompt)]
-        if not isinstance(num_inference_steps, int) or num_inference_steps <= 0:
-            raise ValueError(f"num_inference_steps must be a positive integer, got {num_inference_steps!r}")
+        labels = check_call(prompt, num_images_per_prompt, num_inference_steps, output_type)
         for name, v in (("height", height), ("width", width)):
             if not isinstance(v, int) or v <= 0 or v % PACK:
                 raise ValueError(f"{name} must be a positive multiple of {PACK}, got {v!r}")
-        if output_type not in ("pil", "np", "pt"):
-            raise ValueError(f"output_type must be 'pil', 'np' or 'pt', got {output_type!r}")
         self._guidance_scale = guidance_scale
         device = self._execution_device
         dtype = self.transformer.dtype
-        batch = len(labels)
 
-        label_t = torch.tensor(labels, device=device)
-        if self.do_classifier_free_guidance:
-            label_t = torch.cat([label_t, torch.full_like(label_t, NULL_CLASS)])
-        text, pooled = self.label_embedder(label_t)
+        text, pooled = self.label_embedder(cfg_labels(labels, self.do_classifier_free_guidance, device))
         text, pooled = text.to(dtype), pooled.to(dtype)
         txt_ids = torch.zeros(text.shape[1], 3, device=device, dtype=dtype)
         img_ids = image_ids(height, width).to(device=device, dtype=dtype)
-
-        # Noise is drawn on the CPU from the caller's generator so every rank and device gets the same start.
-        # A list holds one generator per image (diffusers' convention; a serving batch repeats each request's
-        # own generator for its images, so every request draws the noise it would draw alone).
-        if isinstance(generator, (list, tuple)):
-            if len(generator) != batch:
-                raise ValueError(f"got {len(generator)} generators for {batch} images; pass one per image")
-            noise = torch.cat([torch.randn((1, 1, height, width), generator=g, dtype=torch.float32) for g in generator])
-        else:
-            noise = torch.randn((batch, 1, height, width), generator=generator, dtype=torch.float32)
+        noise = draw_noise(generator, len(labels), (1, height, width), "images")
         latents = pack(noise).to(device=device, dtype=dtype)
 
-        self.scheduler.set_timesteps(num_inference_steps, device=device)
-        for t in self.progress_bar(self.scheduler.timesteps):
-            model_in = torch.cat([latents, latents]) if self.do_classifier_free_guidance else latents
+        def velocity_of(model_in, t):
             timestep = (t / 1000.0).expand(model_in.shape[0]).to(dtype)
-            velocity = self.transformer(hidden_states=model_in, encoder_hidden_states=text, pooled_projections=pooled,
-                                        timestep=timestep, img_ids=img_ids, txt_ids=txt_ids, return_dict=False)[0]
-            if self.do_classifier_free_guidance:
-                cond, uncond = velocity.chunk(2)
-                velocity = uncond + guidance_scale * (cond - uncond)
-            latents = self.scheduler.step(velocity, t, latents, return_dict=False)[0]
+            return self.transformer(hidden_states=model_in, encoder_hidden_states=text, pooled_projections=pooled,
+                                    timestep=timestep, img_ids=img_ids, txt_ids=txt_ids, return_dict=False)[0]
 
+        latents = denoise(self, latents, num_inference_steps, guidance_scale, velocity_of)
         images = ((unpack(latents.float(), height, width) + 1) / 2).clamp(0, 1)  # (B, 1, H, W) in [0, 1]
         if output_type == "pt":
             out = images
@@ -171,12 +127,7 @@ def is_digits_folder(path: str | Path) -> bool:
 
 
 def save_digits_pipeline(pipe: DigitsPipeline, path: str | Path, metadata: dict | None = None) -> None:
-    path = Path(path)
-    path.mkdir(parents=True, exist_ok=True)
-    pipe.transformer.save_pretrained(path / "transformer", safe_serialization=True)
-    pipe.label_embedder.save_pretrained(path / "label_embedder", safe_serialization=True)
-    pipe.scheduler.save_pretrained(path / "scheduler")
-    (path / "digits_pipeline.json").write_text(json.dumps({"pipeline": "DigitsPipeline", **(metadata or {})}, indent=1))
+    save_pipeline_folder(pipe, path, "digits_pipeline.json", 'DigitsPipeline', metadata)
 
 
 def load_digits_pipeline(path: str | Path | None = None, torch_dtype: torch.dtype = torch.float32) -> DigitsPipeline:

@@ -2,16 +2,13 @@
 
 Recipe (measured on a 2-core CPU, see the platform notes): x_t = (1 - t) x0 + t eps, the model predicts
 eps - x0, t logit-normal; AdamW lr 5e-4 with a 50-step warm-up, betas (0.9, 0.99), grad clip 1.0, bf16
-autocast on CPU, EMA, 10 % label dropout to the null class for classifier-free guidance.
+autocast on CPU, EMA, 10 % label dropout to the null class for classifier-free guidance (loop: ``_train.fit``).
 """
 from __future__ import annotations
 
-import argparse
-import time
-
 import torch
 
-
+from ._train import fit, parse_train_args
 from .digits import NULL_CLASS, build_digits_pipeline, image_ids, load_digits_pipeline, pack, save_digits_pipeline
 from .digits_data import load_digits_tensors
 
@@ -22,72 +19,34 @@ def train(out: str, steps: int = 600, batch: int = 64, lr: float = 5e-4, seed: i
         torch.set_num_threads(threads)
     torch.manual_seed(seed)
     pipe = load_digits_pipeline(resume) if resume else build_digits_pipeline(seed)
-    model, embedder = pipe.transformer.train(), pipe.label_embedder.train()
-    params = list(model.parameters()) + list(embedder.parameters())
-    opt = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.99), weight_decay=0.0)
-    ema = [p.detach().clone() for p in params]
+    model, embedder = pipe.transformer, pipe.label_embedder
     data, labels = load_digits_tensors(32)
-    gen = torch.Generator().manual_seed(seed)
     img_ids = image_ids(32, 32)
     txt_ids = torch.zeros(embedder.config.text_tokens, 3)
-    start, loss_ema, step = time.time(), None, 0
-    for step in range(1, steps + 1):
+
+    def batch_loss(gen: torch.Generator) -> torch.Tensor:
         idx = torch.randint(0, data.shape[0], (batch,), generator=gen)
         x0, y = pack(data[idx]), labels[idx].clone()
         y[torch.rand(batch, generator=gen) < 0.1] = NULL_CLASS
         t = torch.sigmoid(torch.randn(batch, generator=gen))
         eps = torch.randn(x0.shape, generator=gen)
         xt = (1 - t[:, None, None]) * x0 + t[:, None, None] * eps
-        for g in opt.param_groups:
-            g["lr"] = lr * (1.0 if resume else min(1.0, step / 50))
         with torch.autocast("cpu", dtype=torch.bfloat16):
             text, pooled = embedder(y)
             pred = model(hidden_states=xt, encoder_hidden_states=text, pooled_projections=pooled, timestep=t,
                          img_ids=img_ids, txt_ids=txt_ids, return_dict=False)[0]
-        loss = torch.nn.functional.mse_loss(pred.float(), eps - x0)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        decay = min(0.995, (1 + step) / (10 + step))
-        with torch.no_grad():
-            for e, p in zip(ema, params):
-                e.lerp_(p.detach(), 1 - decay)
-        loss_ema = loss.item() if loss_ema is None else 0.98 * loss_ema + 0.02 * loss.item()
-        elapsed = time.time() - start
-        if step % log_every == 0 or step == 1:
-            print(f"step {step:5d}  loss(ema) {loss_ema:.4f}  {elapsed:6.0f} s", flush=True)
-        if elapsed > max_minutes * 60:
-            print(f"stopping at step {step}: time budget of {max_minutes} min reached", flush=True)
-            break
-    with torch.no_grad():
-        for e, p in zip(ema, params):
-            p.copy_(e)
-    pipe.transformer.eval(), pipe.label_embedder.eval()
-    meta = {"steps": step, "resumed_from": resume, "batch": batch, "lr": lr, "seed": seed, "loss_ema": round(loss_ema, 5),
-            "train_seconds": round(time.time() - start, 1), "torch": torch.__version__}
+        return torch.nn.functional.mse_loss(pred.float(), eps - x0)
+
+    run = fit(pipe, batch_loss, steps=steps, lr=lr, seed=seed, max_minutes=max_minutes, log_every=log_every,
+              resume=resume)
+    meta = {"steps": run["steps"], "resumed_from": resume, "batch": batch, "lr": lr, "seed": seed,
+            "loss_ema": run["loss_ema"], "train_seconds": run["train_seconds"], "torch": torch.__version__}
     save_digits_pipeline(pipe, out, metadata=meta)
     return meta
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):  # one line (the CLI turns ValueError into "error: ..." + exit 2)
-        raise ValueError(message)
-
-
 def main(argv=None) -> int:
-    p = _Parser(prog="compactfusion train-digits", description=__doc__.splitlines()[0])
-    p.add_argument("--out", required=True, help="folder to write the trained pipeline to")
-    p.add_argument("--steps", type=int, default=600)
-    p.add_argument("--batch", type=int, default=64)
-    p.add_argument("--lr", type=float, default=5e-4)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--max-minutes", type=float, default=20.0)
-    p.add_argument("--threads", type=int, default=None)
-    p.add_argument("--resume", default=None, help="continue from a digits-pipeline folder")
-    a = p.parse_args(argv)
-    for name in ("steps", "batch"):
-        if getattr(a, name) <= 0:
-            raise ValueError(f"--{name} must be positive")
+    a = parse_train_args(argv, "compactfusion train-digits", __doc__.splitlines()[0], steps=600, batch=64, lr=5e-4,
+                         what="digits-pipeline")
     print(train(a.out, a.steps, a.batch, a.lr, a.seed, a.max_minutes, a.threads, resume=a.resume))
     return 0

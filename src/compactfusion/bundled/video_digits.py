@@ -10,7 +10,6 @@ moving at a fixed velocity per clip.
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
@@ -20,7 +19,8 @@ from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.utils import BaseOutput
 from PIL import Image
 
-from .digits import NULL_CLASS, NUM_CLASSES, parse_label
+from ._folder import save_pipeline_folder
+from ._sampling import NUM_CLASSES, GuidedPipelineMixin, cfg_labels, check_call, denoise, draw_noise
 
 BUNDLED_VIDEO_DIR = Path(__file__).resolve().parent / "assets" / "video-digits"
 MARKER = "video_digits_pipeline.json"
@@ -61,7 +61,7 @@ def _check_dims(height, width, num_frames) -> None:
         raise ValueError(f"num_frames must be a positive integer, got {num_frames!r}")
 
 
-class VideoDigitsPipeline(DiffusionPipeline):
+class VideoDigitsPipeline(GuidedPipelineMixin, DiffusionPipeline):
     """Rectified-flow sampler for the bundled video model (Euler steps, classifier-free guidance).
 
     A stock diffusers loop: one ``transformer`` call per step, conditional and unconditional halves batched
@@ -76,52 +76,26 @@ class VideoDigitsPipeline(DiffusionPipeline):
         super().__init__()
         self.register_modules(transformer=transformer, label_embedder=label_embedder, scheduler=scheduler)
 
-    @property
-    def do_classifier_free_guidance(self) -> bool:
-        return self._guidance_scale > 1.0
-
     @torch.no_grad()
     def __call__(self, prompt=0, num_inference_steps: int = 20, guidance_scale: float = 2.5, height: int = FRAME_SIZE,
                  width: int = FRAME_SIZE, num_frames: int = NUM_FRAMES, generator: torch.Generator | None = None,
                  num_images_per_prompt: int = 1, output_type: str = "np", return_dict: bool = True):
-        prompts = list(prompt) if isinstance(prompt, (list, tuple)) else [prompt]
-        labels = [parse_label(p) for p in prompts for _ in range(num_images_per_prompt)]
-        if not isinstance(num_inference_steps, int) or num_inference_steps <= 0:
-            raise ValueError(f"num_inference_steps must be a positive integer, got {num_inference_steps!r}")
+        labels = check_call(prompt, num_images_per_prompt, num_inference_steps, output_type)
         _check_dims(height, width, num_frames)
-        if output_type not in ("pil", "np", "pt"):
-            raise ValueError(f"output_type must be 'pil', 'np' or 'pt', got {output_type!r}")
         self._guidance_scale = guidance_scale
         device = self._execution_device
         dtype = self.transformer.dtype
-        batch = len(labels)
 
-        label_t = torch.tensor(labels, device=device)
-        if self.do_classifier_free_guidance:
-            label_t = torch.cat([label_t, torch.full_like(label_t, NULL_CLASS)])
-        text = self.label_embedder(label_t).to(dtype)
-
-        # Noise is drawn on the CPU from the caller's generator(s), so every rank and device starts alike.
-        shape = (1, num_frames, height, width)
-        if isinstance(generator, (list, tuple)):
-            if len(generator) != batch:
-                raise ValueError(f"got {len(generator)} generators for {batch} videos; pass one per video")
-            noise = torch.stack([torch.randn(shape, generator=g, dtype=torch.float32) for g in generator])
-        else:
-            noise = torch.randn((batch, *shape), generator=generator, dtype=torch.float32)
+        text = self.label_embedder(cfg_labels(labels, self.do_classifier_free_guidance, device)).to(dtype)
+        noise = draw_noise(generator, len(labels), (1, num_frames, height, width), "videos")
         latents = noise.to(device=device, dtype=dtype)  # (B, 1, F, H, W): pixel space
 
-        self.scheduler.set_timesteps(num_inference_steps, device=device)
-        for t in self.progress_bar(self.scheduler.timesteps):
-            model_in = torch.cat([latents, latents]) if self.do_classifier_free_guidance else latents
+        def velocity_of(model_in, t):
             timestep = t.expand(model_in.shape[0])  # Wan embeds the 0..1000 scale directly
-            velocity = self.transformer(hidden_states=model_in, timestep=timestep, encoder_hidden_states=text,
-                                        return_dict=False)[0]
-            if self.do_classifier_free_guidance:
-                cond, uncond = velocity.chunk(2)
-                velocity = uncond + guidance_scale * (cond - uncond)
-            latents = self.scheduler.step(velocity, t, latents, return_dict=False)[0]
+            return self.transformer(hidden_states=model_in, timestep=timestep, encoder_hidden_states=text,
+                                    return_dict=False)[0]
 
+        latents = denoise(self, latents, num_inference_steps, guidance_scale, velocity_of)
         video = ((latents.float() + 1) / 2).clamp(0, 1).permute(0, 2, 1, 3, 4)  # (B, F, 1, H, W) in [0, 1]
         if output_type == "pt":
             out = video
@@ -144,12 +118,7 @@ def is_video_digits_folder(path: str | Path) -> bool:
 
 
 def save_video_digits_pipeline(pipe: VideoDigitsPipeline, path: str | Path, metadata: dict | None = None) -> None:
-    path = Path(path)
-    path.mkdir(parents=True, exist_ok=True)
-    pipe.transformer.save_pretrained(path / "transformer", safe_serialization=True)
-    pipe.label_embedder.save_pretrained(path / "label_embedder", safe_serialization=True)
-    pipe.scheduler.save_pretrained(path / "scheduler")
-    (path / MARKER).write_text(json.dumps({"pipeline": "VideoDigitsPipeline", **(metadata or {})}, indent=1))
+    save_pipeline_folder(pipe, path, MARKER, 'VideoDigitsPipeline', metadata)
 
 
 def load_video_digits_pipeline(path: str | Path | None = None,
