@@ -370,3 +370,16 @@ def test_scratch_is_per_thread_bounded_and_not_copied():
     assert codec.scratch.by_shape == {}
     for clone in (copy.deepcopy(codec), pickle.loads(pickle.dumps(codec))):
         assert clone.scratch.by_shape == {} and torch.equal(clone.encode(xs[0]), want[0])
+
+
+@pytest.mark.parametrize("spec", SPECS)
+def test_scratch_made_in_inference_mode_works_outside_and_with_grad_inputs(spec):
+    codec, ref = get_codec(spec), get_codec(spec, impl="reference")
+    x = torch.randn(64, 128, generator=torch.Generator().manual_seed(12))
+    with torch.inference_mode():
+        assert torch.equal(codec.encode(x), ref.encode(x))
+    assert torch.equal(codec.encode(x), ref.encode(x))
+    y = x.clone().requires_grad_(True)
+    assert torch.equal(codec.encode(y), ref.encode(x))
+    with torch.inference_mode():
+        assert torch.equal(codec.encode(x * 2), ref.encode(x * 2))

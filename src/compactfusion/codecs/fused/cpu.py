@@ -6,11 +6,16 @@ takes ~5 ms); a 200-line C file with AVX2 intrinsics decodes that shape in well 
 needs no new dependency. The build is cached on disk, keyed by the source, the compiler and the
 flags, and loaded once per process; without a working compiler the codecs use the reference.
 
-Byte equality with the reference: the two sums whose value depends on the summation order
-(row/column sums of |x| and mean(tok)) are still computed by the same torch calls on the same
-block shapes as sign.py; only |x| itself (exact), the sign/int2 fields and the elementwise scale
-arithmetic move into C. The kernels share torch's OpenMP runtime (torch ships libgomp.so.1, so
-the loader reuses it) and hence its thread count.
+Byte equality with the reference: the sums whose value depends on the summation order (row/column
+sums of |x| and the sum inside mean(tok)) are still computed by torch's sum on the same block
+shapes as sign.py, as is the square root; only |x| itself (exact), the sign/int2 fields and the
+elementwise scale arithmetic (including mean's one division) move into C. The kernels share
+torch's OpenMP runtime (torch ships libgomp.so.1, so the loader reuses it) and hence its thread
+count.
+
+Small shapes (a 64x128 stream): the cost is dispatch, not arithmetic, so an encode is one fresh
+payload, four C calls and four torch calls writing into cached scratch (ScratchCache) whose raw
+pointers the kernels read: no per-call scratch allocation, slicing or tensor -> float round trip.
 """
 from __future__ import annotations
 
@@ -140,10 +145,13 @@ class Scratch:
         o_chan = -(-n // 16) * 16
         o_mean = o_chan + -(-c // 16) * 16
         o_buf = o_mean + 16
-        self.mem = torch.empty(o_buf + rows0 * c, dtype=torch.float32)
-        self.tok, self.chan = self.mem[:n], self.mem[o_chan:o_chan + c]
-        self.mean, self.q, self.root = self.mem[o_mean], self.mem[o_mean + 1], self.mem[o_mean + 3]  # 0-dim views
-        self.buf = self.mem[o_buf:].view(rows0, c)
+        # A normal tensor even when first made under torch.inference_mode(): an inference tensor could
+        # not be written to (out=) by a later encode outside it.
+        with torch.inference_mode(False):
+            self.mem = torch.empty(o_buf + rows0 * c, dtype=torch.float32)
+            self.tok, self.chan = self.mem[:n], self.mem[o_chan:o_chan + c]
+            self.mean, self.q, self.root = self.mem[o_mean], self.mem[o_mean + 1], self.mem[o_mean + 3]  # 0-dim
+            self.buf = self.mem[o_buf:].view(rows0, c)
         base = self.mem.data_ptr()
         self.tok_p, self.chan_p, self.buf_p = base, base + 4 * o_chan, base + 4 * o_buf
         self.mean_p, self.work_p, self.root_p = base + 4 * o_mean, base + 4 * (o_mean + 1), base + 4 * (o_mean + 3)
