@@ -41,8 +41,7 @@ LATENCIES = ("100us", "1ms")  # swept at LATENCY_BW (the bandwidth sweep uses la
 LATENCY_BW = "inf"
 LATENCY_METHODS = ("patch", "ring", "ring+binary", "diffusers-ring")  # the latency sweep's subset (W=4 only)
 SLOW_BW = "1MB/s"  # communication-bound point (uncompressed ring >= 95% communicating): a subset, largest W only
-SLOW_METHODS = ("ring", "ring+binary", "ring+auto", "diffusers-ring", "pipefusion", "pipefusion+int8",
-                "pipefusion+int4/o2")
+SLOW_METHODS = ("ring", "ring+binary", "ring+auto", "diffusers-ring", "pipefusion", "pipefusion+int4/o2/int8-warmup")
 SHAPED_METHODS = ("ring", "ring+binary")
 
 
@@ -56,10 +55,11 @@ def methods(world: int, quick: bool = False) -> list[dict]:
           dict(name="ring+lowrank-int4:32", strategy="ring", codec="lowrank-int4:32"),
           dict(name="distrifusion+binary", strategy="distrifusion", codec="binary"),
           dict(name="ring+auto", strategy="ring", codec="auto"),
-          # PipeFusion (issue 12): M = W patches; its boundary streams code well at int8/int4 (bench quality)
+          # PipeFusion (issue 12): M = W patches; int4 order 2 on the boundaries, int8 for the synchronous first step
+          # (the best fidelity per byte in bench quality)
           dict(name="pipefusion", strategy="pipefusion", codec="none"),
-          dict(name="pipefusion+int8", strategy="pipefusion", codec="int8"),
-          dict(name="pipefusion+int4/o2", strategy="pipefusion", codec="int4", residual_order=2)]
+          dict(name="pipefusion+int4/o2/int8-warmup", strategy="pipefusion", codec="int4", residual_order=2,
+               warmup_codec="int8")]
     if world == 4:
         ms.append(dict(name="usp(2x2)", strategy="usp", codec="none", ulysses_degree=2, ring_degree=2))
     if quick:
@@ -572,7 +572,7 @@ def headline(rows, w: int) -> list[dict]:
                and r["bandwidth"] != "inf"]
     pf = min(pf_rows, key=lambda r: _link(r["bandwidth"], "0").bandwidth, default=None)  # the slowest link measured
     if pf:
-        for name in ("pipefusion+int4/o2", "pipefusion+int8"):
+        for name in ("pipefusion+int4/o2/int8-warmup",):
             c = by.get((name, pf["bandwidth"], "0"))
             if c:
                 out.append({"claim": f"W={w}, {pf['bandwidth']}: {name} >= 3x faster than uncompressed PipeFusion",
