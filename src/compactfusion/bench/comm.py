@@ -24,6 +24,7 @@ import time
 from pathlib import Path
 
 from ..cli.args import Parser, UsageError
+from ..comm import link as linkmodel
 from ..parallel.registry import REGISTRY
 
 BANDWIDTHS = (("10MB/s", 10e6), ("100MB/s", 100e6), ("1GB/s", 1e9), ("10GB/s", 10e9), ("inf", math.inf))
@@ -112,11 +113,6 @@ def worker(rank: int, world: int, plan: dict) -> list[dict]:
 
 
 # -- aggregation ---------------------------------------------------------------------------------------
-def link_time(messages: float, nbytes: float, bandwidth: float, latency: float) -> float:
-    """The library's alpha-beta model: every message costs latency + bytes / bandwidth."""
-    return messages * latency + (0.0 if math.isinf(bandwidth) else nbytes / bandwidth)
-
-
 def aggregate(world: int, per_rank: list[list[dict]], plan: dict, latency_s: float) -> list[dict]:
     rows = []
     steps, warm = plan["steps"], plan["warmup"]
@@ -143,7 +139,7 @@ def aggregate(world: int, per_rank: list[list[dict]], plan: dict, latency_s: flo
                "rel_err_per_step": err, "state_nbytes_per_rank": max(r["state_nbytes"] for r in ranks),
                "wall_s": max(r["wall_s"] for r in ranks)}
         for name, bw in BANDWIDTHS:
-            row[f"comm_s_per_step@{name}"] = max(link_time(m, b, bw, latency_s) for b, m in per_step)
+            row[f"comm_s_per_step@{name}"] = max(linkmodel.link_cost(b, m, bw, latency_s) for b, m in per_step)
         rows.append(row)
     return rows
 
@@ -220,7 +216,7 @@ def main(argv=None) -> int:
     if not 0 <= plan["warmup"] < plan["steps"]:
         raise UsageError("--warmup-steps must be >= 0 and smaller than --steps")
 
-    from .quality import run_ranks  # the shared gloo spawner of the benches
+    from .harness import run_ranks
     rows = []
     for world in worlds:
         configs = [(s, c) for s in strategies for c in codecs

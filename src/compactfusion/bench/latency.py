@@ -33,7 +33,9 @@ import time
 from pathlib import Path
 
 from ..cli.args import Parser, UsageError
-from .quality import ledger_of, parallel_config, run_ranks
+from ..comm import link as linkmodel
+from .harness import run_ranks
+from .quality import ledger_of, parallel_config
 
 STEPS = 20
 BANDWIDTHS = ("10MB/s", "100MB/s", "inf")  # the virtual extension fills in the rest
@@ -221,7 +223,7 @@ def single_device_s(model, steps: int, reps: int = 2) -> tuple[float, int]:
 # -- virtual extension -------------------------------------------------------------------------------------
 def virtual_time(base_row: dict, bandwidth: float, latency: float) -> float:
     """wall(unlimited) + slowest rank's modelled link time (no overlap credit)."""
-    comm = max((b / bandwidth if math.isfinite(bandwidth) else 0.0) + m * latency
+    comm = max(linkmodel.link_cost(b, m, bandwidth, latency)
                for b, m in zip(base_row["_per_rank_bytes"], base_row["_per_rank_msgs"]))
     return base_row["wall_s"] + comm
 

@@ -86,7 +86,7 @@ def overhead_worker(rank, world, plan):
 
 
 def run_overhead(a, worlds: list[int]) -> tuple[list[dict], dict]:
-    from .quality import run_ranks
+    from .harness import run_ranks
     rows, timing = [], {}
     for w in worlds:
         links = [("inf", METHODS, a.reps)]

@@ -52,7 +52,7 @@ def main(argv=None) -> int:
     p.add_argument("--seeds", type=int, default=2, help="images per call (one label each)")
     p.add_argument("--steps", type=int, default=20)
     a = p.parse_args(argv)
-    from .quality import run_ranks
+    from .harness import run_ranks
     rows = run_ranks(worker, a.world, METHODS, a.seeds, a.steps, timeout=1800)[0]
     print(f"| method (W={a.world}, {a.steps} steps, {a.seeds} images) | PSNR vs single device | bytes sent by rank 0 |")
     print("|---|---|---|")

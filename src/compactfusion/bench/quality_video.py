@@ -17,8 +17,9 @@ from pathlib import Path
 import numpy as np
 
 from ..cli.args import Parser, UsageError
+from .harness import run_ranks
 from .quality import (BEST_ONE_BIT, GUIDANCE, PSNR_CAP, WARMUP, _batches, bits_per_element, ledger_of, methods,
-                      parallel_config, run_ranks, stream_bytes)
+                      parallel_config, stream_bytes)
 
 #: The default method set (names from bench/quality.py's list); --methods picks others from it.
 DEFAULT_METHODS = ("ring", "ring+binary", "ring+int2", "distrifusion", BEST_ONE_BIT)

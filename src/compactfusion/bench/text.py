@@ -11,7 +11,7 @@ import json
 from pathlib import Path
 
 from ..cli.args import Parser
-from .quality import run_ranks
+from .harness import run_ranks
 
 CODECS = ("none", "binary", "int2")
 

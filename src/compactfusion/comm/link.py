@@ -30,7 +30,7 @@ import re
 from dataclasses import dataclass
 from typing import Any, Iterable
 
-__all__ = ["LinkModel", "parse_bandwidth", "parse_latency", "format_bandwidth", "format_latency", "MODES"]
+__all__ = ["LinkModel", "link_cost", "parse_bandwidth", "parse_latency", "format_bandwidth", "format_latency", "MODES"]
 
 MODES = ("off", "sleep", "virtual")
 
@@ -139,6 +139,16 @@ def format_latency(s: float) -> str:
     return "0" if s == 0 else repr(float(s))
 
 
+def link_cost(nbytes: float, messages: float, bandwidth: float, latency: float) -> float:
+    """The alpha-beta model, in one place: ``messages`` messages carrying ``nbytes`` bytes in all over one
+    outbound link cost ``messages * latency + nbytes / bandwidth`` seconds (``bandwidth = inf``: latency only).
+
+    ``LinkModel`` charges every op with it (sleep and virtual modes), and the benches' predictions call it,
+    so a change to the model reaches every number at once.
+    """
+    return messages * latency + (0.0 if math.isinf(bandwidth) else nbytes / bandwidth)
+
+
 @dataclass(frozen=True)
 class LinkModel:
     """Alpha-beta link: ``cost(nbytes) = latency + nbytes / bandwidth`` per message per direction.
@@ -169,11 +179,13 @@ class LinkModel:
     def enabled(self) -> bool:
         return self.mode != "off"
 
-    def cost(self, nbytes: int) -> float:
-        """Seconds for one message of ``nbytes`` bytes: ``latency + nbytes / bandwidth``."""
+    def cost(self, nbytes: float, messages: float = 1) -> float:
+        """Seconds for ``messages`` messages of ``nbytes`` bytes in all (:func:`link_cost`); one by default."""
         if nbytes < 0:
             raise ValueError(f"nbytes must be >= 0, got {nbytes}")
-        return self.latency + (0.0 if math.isinf(self.bandwidth) else nbytes / self.bandwidth)
+        if messages < 0:
+            raise ValueError(f"messages must be >= 0, got {messages}")
+        return link_cost(nbytes, messages, self.bandwidth, self.latency)
 
     def op_cost(self, message_nbytes: Iterable[int]) -> float:
         """A rank's modelled time for one op: the sum of ``cost`` over its non-empty sent messages."""
