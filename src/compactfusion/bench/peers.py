@@ -12,17 +12,32 @@ A ``attention_dispatch._all_to_all_single`` (Ulysses q/k/v/o), B ``attention_dis
 ``all_gather_tensor`` (the output gather). Each wrapped op is charged with compactfusion's alpha-beta
 model: an all-gather of ``b`` bytes costs ``(W-1) * (latency + b / bandwidth)``, an all-to-all the sum over
 peers of ``latency + chunk / bandwidth``; in "sleep" mode the op's real time is padded up to that.
+
+``PEER_TRAFFIC``: the peer's per-step traffic for ``bench project``, from the library's own formulas (diffusers'
+native CP never compresses): its ring all-gathers K|V as strategy="patch" does, its Ulysses moves q, k, v and
+o as four all-to-alls.
 """
 from __future__ import annotations
 
 import time
+from types import MappingProxyType
 
 import torch
 import torch.distributed as dist
 
-__all__ = ["apply_cpu_workarounds", "CommMeter", "install_meter", "enable_native_cp", "PEER_MODES"]
+from ..parallel import patch, ulysses
+
+__all__ = ["apply_cpu_workarounds", "CommMeter", "install_meter", "enable_native_cp", "PEER_MODES", "PEER_TRAFFIC"]
 
 PEER_MODES = ("ring", "ulysses")
+
+
+def _diffusers_ulysses_traffic(shape, wire):
+    return ulysses.step_traffic(shape, wire, messages=4 * (shape.world - 1))
+
+
+#: ``bench project`` strategy name -> the peer's traffic formula (``parallel/traffic.py``'s signature).
+PEER_TRAFFIC = MappingProxyType({"diffusers-ring": patch.step_traffic, "diffusers-ulysses": _diffusers_ulysses_traffic})
 _APPLIED = False
 
 

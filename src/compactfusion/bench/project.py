@@ -1,7 +1,9 @@
 """``compactfusion bench project``: exact bytes and predicted latency at real model shapes (no weights).
 
-Bytes come from the codecs' ``encoded_nbytes(N, C)`` and the traffic pattern of each strategy, so they
-are exact for this library's wire format. Per rank, per attention layer, per denoising step:
+Bytes come from the codecs' ``encoded_nbytes(N, C)`` and each strategy's own traffic formula (its
+``step_traffic``, named in ``parallel.registry``; every registry strategy with a formula is a row, the others
+are listed as not modelled), so they are exact for this library's wire format. Per rank, per attention
+layer, per denoising step:
 
 * patch / distrifusion (and diffusers' native ring, which all-gathers K|V): the rank sends its K and V
   payloads to each of the W-1 peers;
@@ -10,8 +12,7 @@ are exact for this library's wire format. Per rank, per attention layer, per den
   o (each peer gets its own tokens x this rank's heads): (W-1)/W of the shard per tensor; with replicated
   text, the text output is all-gathered over heads (uncompressed);
 * every step ends with an all-gather of the transformer output shard (uncompressed);
-* pipefusion (``pipe_traffic``, M = W and 2W patches): the library's ``parallel.pipefusion.stage_traffic``
-  elements, coded per (patch, tensor) stream: stage s < W-1 sends its boundary (every image token once, plus
+* pipefusion (M = W and 2W patches): the library's ``parallel.pipefusion.stage_traffic`` elements, coded per (patch, tensor) stream: stage s < W-1 sends its boundary (every image token once, plus
   for FLUX/SD3 the joint text once per patch), the last stage sends the output raw to the other W-1.
 
 The matrix a stream codes is (batch * local tokens, heads * head_dim): the CFG batch is folded into N.
@@ -25,11 +26,11 @@ Latency model (per step, per rank r, then the slowest rank; per image = sum over
 
     t_step = compute_r + exposed_comm_r
     compute_r = t_single_step * flops_r / flops_total           (FLOP-proportional split)
-    comm      = sum over messages of (latency + bytes / bandwidth)  (one outbound link per rank)
-    exposed   = comm                                  patch, ulysses, diffusers-* (synchronous)
-              = sum_layers max(0, comm_l - attn_l*(W-1)/W)   ring (hop s+1 hides behind block s)
-              = max(0, comm - compute_r)              distrifusion after its synchronous first step
-    pipefusion: first step t_single_step + (W-1) boundary sends (synchronous, stage after stage); later steps
+    comm      = comm.link.link_cost(bytes, messages)  (the library's alpha-beta model, one outbound link per rank)
+    exposed   = comm                                  overlap "none": patch, ulysses, diffusers-* (synchronous)
+              = sum_layers max(0, comm_l - attn_l*(W-1)/W)   "attention": ring (hop s+1 hides behind block s)
+              = max(0, comm - compute_r)              "step": distrifusion after its synchronous first step
+    "pipeline", pipefusion: first step t_single_step + (W-1) boundary sends (synchronous, stage after stage); later steps
       (M+W-1) * (max(slot compute, slot send) + latency) + output send, a slot = one patch through one stage
       (the pipeline drains at every step, as compactfusion runs it; text recomputed by every patch pass)
 
@@ -47,8 +48,13 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from ..cli.args import Parser, UsageError
+from ..comm import link as linkmodel
+from ..parallel.registry import REGISTRY, traffic_formula
+from ..parallel.traffic import TrafficShape
+from .peers import PEER_TRAFFIC
 
-__all__ = ["MODELS", "LINKS", "ModelSpec", "Link", "traffic", "pipe_traffic", "predict_latency", "build_rows", "main"]
+__all__ = ["MODELS", "LINKS", "ModelSpec", "Link", "traffic", "pipe_traffic", "predict_latency", "build_rows", "main",
+           "STRATEGIES", "NOT_MODELLED"]
 
 DTYPE_BYTES = 2  # fp16 / bf16 on GPUs
 
@@ -157,8 +163,8 @@ class Link:
     latency: float    # seconds per message
 
     def cost(self, nbytes: float, msgs: int) -> float:
-        """Seconds for ``msgs`` messages of ``nbytes`` in all on one outbound link (alpha-beta)."""
-        return msgs * self.latency + (0.0 if math.isinf(self.bandwidth) else nbytes / self.bandwidth)
+        """Seconds for ``msgs`` messages of ``nbytes`` in all on one outbound link: the library's model."""
+        return linkmodel.link_cost(nbytes, msgs, self.bandwidth, self.latency)
 
 
 LINKS = (
@@ -174,7 +180,12 @@ LINKS = (
     Link("unlimited", "unlimited", math.inf, 0.0),
 )
 
-STRATEGIES = ("patch", "distrifusion", "ring", "ulysses", "diffusers-ring", "diffusers-ulysses", "pipefusion")
+#: Every registry strategy with a traffic formula: the sequence-parallel ones, their peers (diffusers' native CP,
+#: ``peers.PEER_TRAFFIC``), then the pipelines.
+STRATEGIES = (tuple(n for n, spec in REGISTRY.items() if spec.traffic and spec.mesh != "pipe") + tuple(PEER_TRAFFIC)
+              + tuple(n for n, spec in REGISTRY.items() if spec.traffic and spec.mesh == "pipe"))
+#: Registry strategies without a formula: listed in the report as not modelled.
+NOT_MODELLED = tuple(n for n, spec in REGISTRY.items() if not spec.traffic)
 #: PipeFusion rows: M = factor x W patches per step (ParallelConfig.num_patches; M >= W).
 PATCH_FACTORS = (1, 2)
 PIPE_CODECS = ("none", "int8", "int4", "int2", "binary")
@@ -234,103 +245,82 @@ def text_split(model: ModelSpec, strategy: str, world: int, text_mode: str) -> b
     return mode == "split" and (not strategy.startswith("diffusers") or model.text_tokens % world == 0)
 
 
+def _peer(strategy: str) -> bool:
+    return strategy in PEER_TRAFFIC
+
+
+def _pipeline(strategy: str) -> bool:
+    """Pipeline strategies (stages over the world): M patches per step, 1/W of the blocks per rank."""
+    return not _peer(strategy) and REGISTRY[strategy].mesh == "pipe"
+
+
+def _formula(strategy: str):
+    f = PEER_TRAFFIC.get(strategy) or (traffic_formula(strategy) if strategy in REGISTRY else None)
+    if f is None:
+        why = "has no traffic formula in parallel.registry" if strategy in REGISTRY else "is not a strategy"
+        raise ValueError(f"strategy {strategy!r} {why}; modelled: {', '.join(STRATEGIES)}")
+    return f
+
+
+def traffic_shape(model: ModelSpec, strategy: str, world: int, text_mode: str = "library",
+                  dtype_bytes: int = DTYPE_BYTES, patches: int | None = None) -> TrafficShape:
+    return TrafficShape(world=world, batch=model.batch, image_tokens=model.image_tokens, text_tokens=model.text_tokens,
+                        heads=model.heads, head_dim=model.head_dim, out_channels=model.out_channels,
+                        layers=model.layers, split_text=text_split(model, strategy, world, text_mode),
+                        dtype_bytes=dtype_bytes, patches=patches)
+
+
 def feasible(model: ModelSpec, strategy: str, world: int) -> str | None:
-    """None, or why this (model, strategy, world) cannot run."""
-    if strategy.endswith("ulysses") and model.heads % world:
-        return f"{model.heads} heads do not split over {world} ranks"
-    if strategy == "pipefusion" and not model.pipefusion:
+    """None, or why this (model, strategy, world) cannot run (the strategy's formula refuses the shape)."""
+    if _pipeline(strategy) and not model.pipefusion:
         return "no built-in pipeline stages for this family"
-    if strategy == "pipefusion" and model.layers < world:
-        return f"{model.layers} blocks do not make {world} stages"
     if model.image_tokens < world:
         return "fewer tokens than ranks"
+    try:
+        _formula(strategy)(traffic_shape(model, strategy, world), lambda n, c: 0)
+    except ValueError as e:
+        return str(e)
     return None
 
 
 def traffic(model: ModelSpec, strategy: str, codec: str, world: int, text_mode: str = "library",
-            dtype_bytes: int = DTYPE_BYTES, warmup: str = "fp16") -> dict:
+            dtype_bytes: int = DTYPE_BYTES, warmup: str = "fp16", patches: int | None = None) -> dict:
     """Per-rank bytes and messages of one denoising step, for a warmup step and for a coded step.
 
-    ``warmup``: what a compression warmup step sends, "fp16" (full precision in the model dtype) or a codec
-    spec (``CompressionConfig.warmup_codec``, e.g. "int8"): the raw activation coded lossily.
+    The strategy's own formula (``parallel.registry.traffic_formula``; peers: ``peers.PEER_TRAFFIC``) priced at
+    the codec's ``encoded_nbytes``. ``warmup``: what a compression warmup step sends, "fp16" (full precision in
+    the model dtype) or a codec spec (``CompressionConfig.warmup_codec``, e.g. "int8"): the raw activation coded
+    lossily. ``patches``: a pipeline strategy's M (None = W).
 
-    Returns lists indexed by rank: ``layer_warm``/``layer_coded`` (bytes one layer sends), ``layer_raw``
-    (uncompressed equivalent), ``layer_msgs``; ``gather`` (output all-gather bytes per step) and
-    ``gather_msgs``; plus ``tokens`` (N of this rank's K/V stream) and ``split_text``.
+    Returns lists indexed by rank: ``layer_warm``/``layer_coded`` (bytes one layer sends; pipeline: one
+    boundary, ``layers`` = 1), ``layer_raw`` (uncompressed equivalent), ``layer_msgs``; ``gather`` (bytes sent
+    once per step, raw) and ``gather_msgs``; plus ``tokens`` (N of this rank's stream), ``split_text``,
+    ``text_mode``, ``overlap`` (what the sends may hide behind) and, for pipelines, ``slot_warm``/``slot_coded``.
     """
-    w, c, b = world, model.channels, model.batch
-    img = shard_sizes(model.image_tokens, w)
-    split = text_split(model, strategy, w, text_mode)
-    txt = shard_sizes(model.text_tokens, w) if split else [0] * w
-    n = [b * (i + t) for i, t in zip(img, txt)]
-    coded_spec = codec if codec != "none" and not strategy.startswith("diffusers") else "none"
+    f = _formula(strategy)
+    shape = traffic_shape(model, strategy, world, text_mode, dtype_bytes, patches)
+    coded_spec = codec if codec != "none" and not _peer(strategy) else "none"
     warm_spec = warmup if coded_spec != "none" and warmup not in WARMUP_FULL else "none"
 
-    def per_rank(spec: str) -> list[int]:
-        if w == 1:
-            return [0]
-        if strategy in ("patch", "distrifusion", "diffusers-ring"):
-            return [2 * (w - 1) * encoded_nbytes(spec, n[r], c, dtype_bytes) for r in range(w)]
-        if strategy == "ring":
-            kv = [2 * encoded_nbytes(spec, n[r], c, dtype_bytes) for r in range(w)]
-            return [sum(kv[(r - s) % w] for s in range(w - 1)) for r in range(w)]
-        if strategy in ("ulysses", "diffusers-ulysses"):
-            ch = c // w
-            # replicated text (compactfusion): each rank attends its heads of the text queries, then the text
-            # output is all-gathered over heads, uncompressed
-            joint_o = 0 if split else (w - 1) * b * model.text_tokens * ch * dtype_bytes
-            out = []
-            for r in range(w):
-                qkv = 3 * (w - 1) * encoded_nbytes(spec, n[r], ch, dtype_bytes)
-                o = sum(encoded_nbytes(spec, n[p], ch, dtype_bytes) for p in range(w) if p != r)
-                out.append(qkv + o + joint_o)
-            return out
-        raise ValueError(f"unknown strategy {strategy!r}")
+    def priced(spec: str):
+        return f(shape, lambda n, c: encoded_nbytes(spec, n, c, dtype_bytes))
 
-    # messages per layer: K|V travel as one payload; Ulysses packs q|k|v into one all-to-all, then o (+ text o)
-    msgs = {"patch": w - 1, "distrifusion": w - 1, "diffusers-ring": w - 1, "ring": w - 1,
-            "ulysses": (2 + (model.text_tokens > 0 and not split)) * (w - 1), "diffusers-ulysses": 4 * (w - 1)}[strategy]
-    gather = [(w - 1) * b * img[r] * model.out_channels * dtype_bytes for r in range(w)]
-    return {"layer_warm": per_rank(warm_spec), "layer_coded": per_rank(coded_spec), "layer_raw": per_rank("none"),
-            "layer_msgs": msgs if w > 1 else 0, "gather": gather if w > 1 else [0], "gather_msgs": w - 1,
-            "tokens": n, "split_text": split, "image_shards": img, "text_shards": txt}
+    warm, coded, raw = priced(warm_spec), priced(coded_spec), priced("none")
+    out = {"layer_warm": list(warm.layer), "layer_coded": list(coded.layer), "layer_raw": list(raw.layer),
+           "layer_msgs": coded.layer_msgs, "gather": list(coded.gather), "gather_msgs": coded.gather_msgs,
+           "tokens": list(coded.tokens), "split_text": coded.text == "split", "text_mode": coded.text,
+           "overlap": coded.overlap, "image_shards": shape.image_shards(), "text_shards": shape.text_shards()}
+    if coded.units is not None:
+        out["layers"] = coded.units
+    if coded.patch_sizes:
+        out.update(slot_warm=warm.slot, slot_coded=coded.slot, patch_sizes=list(coded.patch_sizes))
+    return out
 
 
 def pipe_traffic(model: ModelSpec, codec: str, world: int, patches: int, dtype_bytes: int = DTYPE_BYTES,
                  warmup: str = "fp16") -> dict:
-    """Per-rank bytes of one strategy="pipefusion" step, in ``traffic``'s layout (one "layer": the boundary).
-
-    Element counts are the library's own ``parallel.pipefusion.stage_traffic``; the codec's per-stream
-    overhead needs each stream's shape: one residual stream per (patch, tensor), i.e. every image patch plus,
-    for MMDiT families, the text once per patch. Stages 0..W-2 send their boundary, the last stage sends the
-    output (raw) to the W-1 others. The synchronous first step sends the same payloads (as M per-patch
-    streams) in the warmup format. ``slot_*``: the largest single-patch payload (what one pipeline slot sends).
-    """
-    from ..parallel.pipefusion import stage_traffic
-    w, c, b, t = world, model.channels, model.batch, model.text_tokens
-    if not 1 <= patches <= model.image_tokens:
-        raise ValueError(f"pipefusion: num_patches={patches} must be between 1 and the {model.image_tokens} image tokens")
-    carried = t > 0  # joint (MMDiT) text rides along with every patch pass; cross-attention text is never sent
-    st = stage_traffic(model.image_tokens, t, c, model.out_channels, w, patches, carried)
-    sizes = shard_sizes(model.image_tokens, patches)  # the runtime's patch split (PipeFusionContext.patch_sizes)
-    streams = [b * n for n in sizes] + ([b * t] * patches if carried else [])
-    if w > 1 and sum(streams) * c * (w - 1) != b * st["boundary"]:
-        raise RuntimeError(f"pipefusion streams ({sum(streams)} rows) disagree with stage_traffic ({st['boundary']})")
-    coded_spec = codec
-    warm_spec = warmup if codec != "none" and warmup not in WARMUP_FULL else "none"
-
-    def boundary(spec: str) -> list[int]:
-        return [sum(encoded_nbytes(spec, n, c, dtype_bytes) for n in streams)] * (w - 1) + [0]
-
-    def slot(spec: str) -> int:
-        return encoded_nbytes(spec, b * sizes[0], c, dtype_bytes) + (encoded_nbytes(spec, b * t, c, dtype_bytes) if carried else 0)
-
-    out = b * st["out"] * dtype_bytes if w > 1 else 0
-    return {"layers": 1, "layer_warm": boundary(warm_spec), "layer_coded": boundary(coded_spec),
-            "layer_raw": boundary("none"), "layer_msgs": patches, "gather": [0] * (w - 1) + [out],
-            "gather_msgs": w - 1, "slot_warm": slot(warm_spec), "slot_coded": slot(coded_spec),
-            "tokens": [b * (sizes[0] + (t if carried else 0))] * w, "split_text": False,
-            "text_mode": "carried" if carried else "cross-attention", "patch_sizes": sizes, "stage_traffic": st}
+    """``traffic`` of strategy="pipefusion" with M = ``patches`` (``parallel.pipefusion.step_traffic``)."""
+    return traffic(model, "pipefusion", codec, world, dtype_bytes=dtype_bytes, warmup=warmup, patches=patches)
 
 
 def image_bytes(model: ModelSpec, tr: dict, codec: str, warmup: int) -> dict:
@@ -390,24 +380,23 @@ def predict_latency(model: ModelSpec, strategy: str, codec: str, world: int, lin
     warmup = model.warmup_steps if warmup is None else warmup
     if world == 1:
         return model.steps * t_step
-    if strategy == "pipefusion":
-        return _pipefusion_latency(model, codec, world, link, t_step, warmup, stale_sync_steps, warmup_codec,
-                                   num_patches or world)
-    tr = traffic(model, strategy, codec, world, text_mode, warmup=warmup_codec)
+    tr = traffic(model, strategy, codec, world, text_mode, warmup=warmup_codec, patches=num_patches or None)
+    if tr["overlap"] == "pipeline":
+        return _pipefusion_latency(model, tr, codec, world, link, t_step, warmup, stale_sync_steps)
     comp, attn = rank_compute(model, tr, world, t_step)
     L = model.layers
 
     total = 0.0
-    w_steps = min(warmup, model.steps) if codec != "none" and not strategy.startswith("diffusers") else 0
+    w_steps = min(warmup, model.steps) if codec != "none" and not _peer(strategy) else 0
     for step in range(model.steps):
         layer_bytes = tr["layer_warm"] if step < w_steps else tr["layer_coded"]
         worst = 0.0
         for r in range(world):
             layer_c = link.cost(layer_bytes[r], tr["layer_msgs"])
             gather_c = link.cost(tr["gather"][r], tr["gather_msgs"])
-            if strategy == "ring":
+            if tr["overlap"] == "attention":
                 exposed = L * max(0.0, layer_c - attn[r] / L * (world - 1) / world)
-            elif strategy == "distrifusion" and step >= stale_sync_steps:
+            elif tr["overlap"] == "step" and step >= stale_sync_steps:
                 exposed = max(0.0, L * layer_c - comp[r])
             else:
                 exposed = L * layer_c
@@ -426,11 +415,10 @@ def pipe_slot_compute(model: ModelSpec, tr: dict, world: int, t_step: float) -> 
     return t_step * (l_p + a_p) / (lin + att) / world
 
 
-def _pipefusion_latency(model: ModelSpec, codec: str, world: int, link: Link, t_step: float, warmup: int,
-                        sync_steps: int, warmup_codec: str, patches: int) -> float:
+def _pipefusion_latency(model: ModelSpec, tr: dict, codec: str, world: int, link: Link, t_step: float, warmup: int,
+                        sync_steps: int) -> float:
     """PipeFusion as compactfusion runs it (the pipeline drains at every step; see the module docstring)."""
-    tr = pipe_traffic(model, codec, world, patches, warmup=warmup_codec)
-    w = world
+    w, patches = world, len(tr["patch_sizes"])
     slot_compute = pipe_slot_compute(model, tr, w, t_step)
     out_c = link.cost(tr["gather"][-1], tr["gather_msgs"])  # the last stage's output to the others, after the step
     w_steps = min(warmup, model.steps) if codec != "none" else 0
@@ -449,7 +437,7 @@ def _pipefusion_latency(model: ModelSpec, codec: str, world: int, link: Link, t_
 # -- rows ----------------------------------------------------------------------------------------------
 def patch_counts(strategy: str, world: int) -> list:
     """PipeFusion's M values for the rows (``PATCH_FACTORS`` x W); [None] for the other strategies."""
-    return [f * world for f in PATCH_FACTORS] if strategy == "pipefusion" else [None]
+    return [f * world for f in PATCH_FACTORS] if _pipeline(strategy) else [None]
 
 
 def param_bytes(model: ModelSpec, strategy: str, world: int, dtype_bytes: int = DTYPE_BYTES) -> int | None:
@@ -458,7 +446,7 @@ def param_bytes(model: ModelSpec, strategy: str, world: int, dtype_bytes: int = 
     layers; every other strategy holds the whole model. None when the spec has no parameter counts."""
     if not model.params_blocks:
         return None
-    blocks = model.params_blocks / world if strategy == "pipefusion" else model.params_blocks
+    blocks = model.params_blocks / world if _pipeline(strategy) else model.params_blocks
     return round((blocks + model.params_other) * dtype_bytes)
 
 
@@ -475,16 +463,15 @@ def build_rows(models, strategies, codecs, worlds, links, step_times: dict, warm
             ring_ref[w] = image_bytes(m, tr, "none", warmup)
         for strategy in strategies:
             for codec, warm in ((c, wu) for c in codecs for wu in (warmups if c != "none" else ("none",))):
-                if strategy.startswith("diffusers") and codec != "none":
+                if _peer(strategy) and codec != "none":
                     continue  # diffusers' native CP has no compression
-                if strategy == "pipefusion" and (codec not in PIPE_CODECS or warm not in WARMUP_FULL + ("none",)):
+                if _pipeline(strategy) and (codec not in PIPE_CODECS or warm not in WARMUP_FULL + ("none",)):
                     continue  # the boundary codecs measured in docs/models.md, full-precision synchronous step
                 for w, patches in ((w, p) for w in worlds for p in patch_counts(strategy, w)):
                     why = feasible(m, strategy, w)
                     if why:
                         continue
-                    tr = pipe_traffic(m, codec, w, patches, warmup=warm) if patches else \
-                        traffic(m, strategy, codec, w, text_mode, warmup=warm)
+                    tr = traffic(m, strategy, codec, w, text_mode, warmup=warm, patches=patches)
                     ib = image_bytes(m, tr, codec, warmup)
                     rr = ring_ref[w]
                     row = {
@@ -528,13 +515,13 @@ def published_rows() -> list[dict]:
         for (col, single, bw, lat), published in zip(PUBLISHED["columns"], pub):
             t_step = single / m.steps
             link = Link(col, col, bw, lat)
-            pipe = strategy == "pipefusion"
+            pipe = strategy is not None and _pipeline(strategy)
             if strategy is None:
                 pred, byts, ratio = single, 0, 1.0
             else:
                 pred = predict_latency(m, strategy, codec, 4, link, t_step, 1, text_mode="split",
                                        num_patches=patches if pipe else None)
-                tr = pipe_traffic(m, codec, 4, patches) if pipe else traffic(m, strategy, codec, 4, "split")
+                tr = traffic(m, strategy, codec, 4, "split", patches=patches if pipe else None)
                 ib = image_bytes(m, tr, codec, 1)
                 byts, ratio = ib["bytes_per_image"], ib["bytes_per_image_uncompressed"] / ib["bytes_per_image"]
             rows.append({"section": "published", "model": m.key, "model_name": m.name, "method": label,
@@ -626,6 +613,8 @@ def markdown(rows: list[dict], pub: list[dict], checks: list[dict], links, world
                m.warmup_steps] for m in MODELS.values() if any(r["model"] == m.key for r in rows)]
     lines += [md_table(["model", "attn layers", "heads x dim", "image tokens", "text tokens", "batch", "steps",
                         "warmup"], shapes), ""]
+    if NOT_MODELLED:
+        lines += [not_modelled_line(), ""]
     w0 = 4 if 4 in worlds else worlds[-1]
     lines += ["Patch, DistriFusion and ring move the same bytes (each rank's K/V reaches W-1 peers), so they share "
               "one column; DistriFusion only hides them behind compute.", ""]
@@ -810,6 +799,11 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def not_modelled_line() -> str:
+    return ("Not modelled (registry strategies without a traffic formula, `parallel/registry.py`): "
+            + ", ".join(NOT_MODELLED) + ".")
+
+
 def _split(s: str, allowed, what: str) -> list:
     items = [x.strip() for x in s.split(",") if x.strip()]
     bad = [x for x in items if x not in allowed]
@@ -827,6 +821,10 @@ def main(argv=None) -> int:
                   f"blocks {c['params_blocks']:,}, other {c['params_other']:,}")
         return 0 if all(c["matches_spec"] for c in counts) else 1
     models = _split(a.models, MODELS, "models")
+    unmodelled = [x.strip() for x in a.strategies.split(",") if x.strip() in NOT_MODELLED]
+    if unmodelled:
+        raise UsageError(f"--strategies: {', '.join(unmodelled)} not modelled (no traffic formula in "
+                         f"parallel/registry.py); choose from {', '.join(STRATEGIES)}")
     strategies = _split(a.strategies, STRATEGIES, "strategies")
     codecs = [c.strip() for c in a.codecs.split(",") if c.strip()]
     from ._common import check_codec_specs, parse_worlds
@@ -866,6 +864,8 @@ def main(argv=None) -> int:
     from ._common import write_outputs
     write_outputs(out, rows + pub, md)
     print(f"bench project: {len(rows)} configurations, {len(pub)} published comparisons -> {out}/results.{{json,csv,md}}")
+    if NOT_MODELLED:
+        print(f"  {not_modelled_line()}")
     for c in checks:
         print(f"  [{'ok' if c['ok'] else 'FAIL'}] {c['claim']}: {c['value']}")
     return 0

@@ -12,10 +12,17 @@ and receiver states still agree once the payload is consumed (``flush`` consumes
 from __future__ import annotations
 
 from ..comm import CommError
+from . import patch
 from .patch import gather_kv
 from .strategy import KVCodec, Strategy, attend, attend_joint
+from .traffic import StepTraffic, TrafficShape
 
-__all__ = ["DistriFusionStrategy"]
+__all__ = ["DistriFusionStrategy", "step_traffic"]
+
+
+def step_traffic(shape: TrafficShape, wire) -> StepTraffic:
+    """patch's all-gather, launched asynchronously: after the synchronous steps it hides behind the step."""
+    return patch.step_traffic(shape, wire, overlap="step")
 
 
 class _Pending:

@@ -8,8 +8,9 @@ rank's payload is decoded into that origin's receiver state, and the own block u
 from __future__ import annotations
 
 from .strategy import KVCodec, Strategy, attend, attend_joint
+from .traffic import StepTraffic, TrafficShape, output_gather, text_label
 
-__all__ = ["PatchStrategy", "gather_kv"]
+__all__ = ["PatchStrategy", "gather_kv", "step_traffic"]
 
 
 def gather_kv(ctx, comm, k, v, layer: int, step: int):
@@ -42,3 +43,11 @@ class PatchStrategy(Strategy):
             vs.append(joint.v)
         out = attend(q, ks, vs)
         return out, attend_joint(joint, [kv[0] for kv in view], [kv[1] for kv in view])
+
+
+def step_traffic(shape: TrafficShape, wire, overlap: str = "none") -> StepTraffic:
+    """Per layer a rank sends its K and V payloads (two streams of its rows) to each of the W-1 peers."""
+    w, c = shape.world, shape.channels
+    return StepTraffic(layer=tuple(2 * (w - 1) * wire(n, c) for n in shape.rows()), layer_msgs=w - 1,
+                       gather=output_gather(shape), gather_msgs=w - 1, tokens=tuple(shape.rows()), overlap=overlap,
+                       text=text_label(shape))

@@ -34,10 +34,12 @@ from typing import NamedTuple
 import torch
 
 from ..comm import CommError
+from .sharding import shard_sizes
 from .strategy import Strategy, attend, attend_joint
 from .streams import raw_nbytes
+from .traffic import StepTraffic, TrafficShape
 
-__all__ = ["PipeFusionStrategy", "PatchSlot", "HIDDEN", "stage_traffic"]
+__all__ = ["PipeFusionStrategy", "PatchSlot", "HIDDEN", "stage_traffic", "step_traffic"]
 
 #: The tensor name of boundary activations in stream keys, ``CompressionConfig.tensors`` and the ledger.
 HIDDEN = "hidden"
@@ -226,3 +228,30 @@ def stage_traffic(tokens: int, text_tokens: int, hidden: int, out_channels: int,
     per_boundary = tokens * hidden + (patches * text_tokens * hidden if carried_text else 0)
     return {"boundary": (stages - 1) * per_boundary, "out": (stages - 1) * tokens * out_channels,
             "messages": (stages - 1) * patches + (stages - 1)}
+
+
+def step_traffic(shape: TrafficShape, wire) -> StepTraffic:
+    """Per-rank bytes of one step (registry formula): ``stage_traffic``'s elements coded per (patch, tensor) stream.
+
+    One residual stream per image patch plus, when joint (MMDiT) text rides along, the text once per patch;
+    stages 0..W-2 send their boundary (one unit per step, M messages), the last stage sends the output raw to
+    the W-1 others. ``slot``: the largest single-patch payload, what one pipeline slot sends.
+    """
+    w, c, b, t = shape.world, shape.channels, shape.batch, shape.text_tokens
+    patches = w if shape.patches is None else shape.patches
+    if not 1 <= patches <= shape.image_tokens:
+        raise ValueError(f"pipefusion: num_patches={patches} must be between 1 and the {shape.image_tokens} image tokens")
+    if shape.layers < w:
+        raise ValueError(f"{shape.layers} blocks do not make {w} stages")
+    carried = t > 0  # cross-attention text is never sent
+    st = stage_traffic(shape.image_tokens, t, c, shape.out_channels, w, patches, carried)
+    sizes = shard_sizes(shape.image_tokens, patches)  # the runtime's split (ParallelContext.patch_sizes)
+    streams = [b * n for n in sizes] + ([b * t] * patches if carried else [])
+    if w > 1 and sum(streams) * c * (w - 1) != b * st["boundary"]:
+        raise RuntimeError(f"pipefusion streams ({sum(streams)} rows) disagree with stage_traffic ({st['boundary']})")
+    out = b * st["out"] * shape.dtype_bytes if w > 1 else 0
+    return StepTraffic(layer=(sum(wire(n, c) for n in streams),) * (w - 1) + (0,), layer_msgs=patches,
+                       gather=(0,) * (w - 1) + (out,), gather_msgs=w - 1,
+                       tokens=(b * (sizes[0] + (t if carried else 0)),) * w, overlap="pipeline",
+                       text="carried" if carried else "cross-attention", units=1,
+                       slot=wire(b * sizes[0], c) + (wire(b * t, c) if carried else 0), patch_sizes=tuple(sizes))

@@ -17,8 +17,18 @@ import torch
 
 from .local_attention import OnlineSoftmax, attention_with_lse
 from .strategy import KVCodec, Strategy, attend, attend_joint
+from .traffic import StepTraffic, TrafficShape, output_gather, text_label
 
-__all__ = ["RingStrategy", "ring_attention"]
+__all__ = ["RingStrategy", "ring_attention", "step_traffic"]
+
+
+def step_traffic(shape: TrafficShape, wire) -> StepTraffic:
+    """W-1 hops per layer; at hop s a rank forwards the still-compressed K|V payload of the rank s back."""
+    w, c = shape.world, shape.channels
+    kv = [2 * wire(n, c) for n in shape.rows()]
+    return StepTraffic(layer=tuple(sum(kv[(r - s) % w] for s in range(w - 1)) for r in range(w)), layer_msgs=w - 1,
+                       gather=output_gather(shape), gather_msgs=w - 1, tokens=tuple(shape.rows()),
+                       overlap="attention", text=text_label(shape))
 
 
 def ring_attention(ctx, comm, q, k, v, joint, layer: int, step: int):

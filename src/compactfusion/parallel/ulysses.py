@@ -20,8 +20,10 @@ import torch
 from .sharding import heads_per_rank, shard_offsets
 from .streams import raw_nbytes, split_bytes
 from .strategy import Strategy, attend
+from .traffic import StepTraffic, TrafficShape, output_gather, text_label
 
-__all__ = ["UlyssesStrategy", "chunk_holders", "scatter_heads", "gather_heads", "slice_joint", "gather_joint_heads"]
+__all__ = ["UlyssesStrategy", "chunk_holders", "scatter_heads", "gather_heads", "slice_joint", "gather_joint_heads",
+           "step_traffic"]
 
 _QKV = ("q", "k", "v")
 
@@ -138,3 +140,20 @@ class UlyssesStrategy(Strategy):
             out_full, joint_out = both[:, :qf.shape[1]], both[:, qf.shape[1]:]
         out = gather_heads(self.ctx, comm, out_full, lens, layer, step)
         return out, gather_joint_heads(self.ctx, comm, joint_out, layer, step)
+
+
+def step_traffic(shape: TrafficShape, wire, messages: int | None = None) -> StepTraffic:
+    """Per layer: q|k|v to every peer (its heads of this rank's rows) in one all-to-all, then o back (this
+    rank's heads of each peer's rows); replicated text: the text output all-gathered over heads, raw.
+
+    ``messages``: per layer per rank, if the all-to-alls are split differently (default: q|k|v, o, text o)."""
+    w, b = shape.world, shape.batch
+    ch = heads_per_rank(shape.heads, w) * shape.head_dim
+    n = shape.rows()
+    joint_o = 0 if shape.split_text else (w - 1) * shape.raw(b * shape.text_tokens, ch)
+    layer = tuple(3 * (w - 1) * wire(n[r], ch) + sum(wire(n[p], ch) for p in range(w) if p != r) + joint_o
+                  for r in range(w))
+    if messages is None:
+        messages = (2 + (shape.text_tokens > 0 and not shape.split_text)) * (w - 1)
+    return StepTraffic(layer=layer, layer_msgs=messages, gather=output_gather(shape), gather_msgs=w - 1,
+                       tokens=tuple(n), overlap="none", text=text_label(shape))
