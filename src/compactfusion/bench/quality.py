@@ -32,7 +32,7 @@ from pathlib import Path
 import numpy as np
 
 from ..cli.args import Parser, UsageError
-from .harness import run_ranks  # noqa: F401 - re-exported: the benches' spawner used to live here
+from .harness import run_ranks  # the shared spawner (still importable from here, where it used to live)
 
 CODECS = ("binary", "int2", "int4", "lowrank:8", "lowrank-int4:32")
 STEPS = 20
