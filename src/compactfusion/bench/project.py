@@ -13,7 +13,8 @@ layer, per denoising step:
   text, the text output is all-gathered over heads (uncompressed);
 * every step ends with an all-gather of the transformer output shard (uncompressed);
 * pipefusion (M = W and 2W patches): the library's ``parallel.pipefusion.stage_traffic`` elements, coded per (patch, tensor) stream: stage s < W-1 sends its boundary (every image token once, plus
-  for FLUX/SD3 the joint text once per patch), the last stage sends the output raw to the other W-1.
+  for FLUX/SD3 the joint text once per step — ``pipefusion_text="first"``, the default — or once per patch
+  under ``"every"``; rows carry ``pipefusion_text``), the last stage sends the output raw to the other W-1.
 
 The matrix a stream codes is (batch * local tokens, heads * head_dim): the CFG batch is folded into N.
 Warmup steps travel at full size in the model dtype (2 bytes: fp16/bf16). Text ("joint") tokens follow
@@ -189,6 +190,7 @@ NOT_MODELLED = tuple(n for n, spec in REGISTRY.items() if not spec.traffic)
 #: PipeFusion rows: M = factor x W patches per step (ParallelConfig.num_patches; M >= W).
 PATCH_FACTORS = (1, 2)
 PIPE_CODECS = ("none", "int8", "int4", "int2", "binary")
+PIPE_TEXT = ("first", "every")  # ParallelConfig.pipefusion_text, for families with joint text
 PUBLISHED_PIPE_CODECS = ("int4",)  # auto's floor for pipefusion boundaries (coarser codecs lose fidelity there)
 CODECS = ("none", "int8", "int4", "int2", "binary", "lowrank:8", "lowrank-int4:32", "lowrank-int4-bpe:1.1")
 #: What warmup steps send: full precision ("fp16": the model dtype, 2 bytes) or a lossy codec spec.
@@ -263,11 +265,14 @@ def _formula(strategy: str):
 
 
 def traffic_shape(model: ModelSpec, strategy: str, world: int, text_mode: str = "library",
-                  dtype_bytes: int = DTYPE_BYTES, patches: int | None = None) -> TrafficShape:
+                  dtype_bytes: int = DTYPE_BYTES, patches: int | None = None,
+                  pipefusion_text: str = "first") -> TrafficShape:
+    m = world if patches is None else patches
     return TrafficShape(world=world, batch=model.batch, image_tokens=model.image_tokens, text_tokens=model.text_tokens,
                         heads=model.heads, head_dim=model.head_dim, out_channels=model.out_channels,
                         layers=model.layers, split_text=text_split(model, strategy, world, text_mode),
-                        dtype_bytes=dtype_bytes, patches=patches)
+                        dtype_bytes=dtype_bytes, patches=patches,
+                        text_passes=m if pipefusion_text == "every" else None)
 
 
 def feasible(model: ModelSpec, strategy: str, world: int) -> str | None:
@@ -284,13 +289,15 @@ def feasible(model: ModelSpec, strategy: str, world: int) -> str | None:
 
 
 def traffic(model: ModelSpec, strategy: str, codec: str, world: int, text_mode: str = "library",
-            dtype_bytes: int = DTYPE_BYTES, warmup: str = "fp16", patches: int | None = None) -> dict:
+            dtype_bytes: int = DTYPE_BYTES, warmup: str = "fp16", patches: int | None = None,
+            pipefusion_text: str = "first") -> dict:
     """Per-rank bytes and messages of one denoising step, for a warmup step and for a coded step.
 
     The strategy's own formula (``parallel.registry.traffic_formula``; peers: ``peers.PEER_TRAFFIC``) priced at
     the codec's ``encoded_nbytes``. ``warmup``: what a compression warmup step sends, "fp16" (full precision in
     the model dtype) or a codec spec (``CompressionConfig.warmup_codec``, e.g. "int8"): the raw activation coded
-    lossily. ``patches``: a pipeline strategy's M (None = W).
+    lossily. ``patches``: a pipeline strategy's M (None = W); ``pipefusion_text``: its joint text in the
+    first pass of each step ("first", the default) or in every pass ("every").
 
     Returns lists indexed by rank: ``layer_warm``/``layer_coded`` (bytes one layer sends; pipeline: one
     boundary, ``layers`` = 1), ``layer_raw`` (uncompressed equivalent), ``layer_msgs``; ``gather`` (bytes sent
@@ -298,7 +305,7 @@ def traffic(model: ModelSpec, strategy: str, codec: str, world: int, text_mode: 
     ``text_mode``, ``overlap`` (what the sends may hide behind) and, for pipelines, ``slot_warm``/``slot_coded``.
     """
     f = _formula(strategy)
-    shape = traffic_shape(model, strategy, world, text_mode, dtype_bytes, patches)
+    shape = traffic_shape(model, strategy, world, text_mode, dtype_bytes, patches, pipefusion_text)
     coded_spec = codec if codec != "none" and not _peer(strategy) else "none"
     warm_spec = warmup if coded_spec != "none" and warmup not in WARMUP_FULL else "none"
 
@@ -371,7 +378,7 @@ def rank_compute(model: ModelSpec, tr: dict, world: int, t_step: float) -> tuple
 
 def predict_latency(model: ModelSpec, strategy: str, codec: str, world: int, link: Link, t_step: float,
                     warmup: int | None = None, text_mode: str = "library", stale_sync_steps: int = 1,
-                    warmup_codec: str = "fp16", num_patches: int | None = None) -> float:
+                    warmup_codec: str = "fp16", num_patches: int | None = None, pipefusion_text: str = "first") -> float:
     """Seconds per image (denoising only) under the model in the module docstring.
 
     ``num_patches``: PipeFusion's M (None = W); ``stale_sync_steps``: DistriFusion's and PipeFusion's
@@ -380,7 +387,8 @@ def predict_latency(model: ModelSpec, strategy: str, codec: str, world: int, lin
     warmup = model.warmup_steps if warmup is None else warmup
     if world == 1:
         return model.steps * t_step
-    tr = traffic(model, strategy, codec, world, text_mode, warmup=warmup_codec, patches=num_patches or None)
+    tr = traffic(model, strategy, codec, world, text_mode, warmup=warmup_codec, patches=num_patches or None,
+                 pipefusion_text=pipefusion_text)
     if tr["overlap"] == "pipeline":
         return _pipefusion_latency(model, tr, codec, world, link, t_step, warmup, stale_sync_steps)
     comp, attn = rank_compute(model, tr, world, t_step)
@@ -406,11 +414,13 @@ def predict_latency(model: ModelSpec, strategy: str, codec: str, world: int, lin
 
 
 def pipe_slot_compute(model: ModelSpec, tr: dict, world: int, t_step: float) -> float:
-    """Seconds of one PipeFusion slot: the largest patch's queries through one stage (1/W of the blocks), plus
-    the text that rides along with every pass (so computed M times per step), over the whole image's K/V."""
+    """Seconds of a mean PipeFusion slot: the largest patch's queries through one stage (1/W of the blocks), plus
+    the joint text's share — computed in every pass ("carried") or in one pass per step ("carried once") —
+    over the whole image's K/V."""
     s = model.image_tokens + model.text_tokens
     lin, att = model.flops(s, s)
-    q = tr["patch_sizes"][0] + (model.text_tokens if tr["text_mode"] == "carried" else 0)
+    share = {"carried": 1.0, "carried once": 1.0 / len(tr["patch_sizes"])}.get(tr["text_mode"], 0.0)
+    q = tr["patch_sizes"][0] + model.text_tokens * share
     l_p, a_p = model.flops(q, s)
     return t_step * (l_p + a_p) / (lin + att) / world
 
@@ -467,16 +477,18 @@ def build_rows(models, strategies, codecs, worlds, links, step_times: dict, warm
                     continue  # diffusers' native CP has no compression
                 if _pipeline(strategy) and (codec not in PIPE_CODECS or warm not in WARMUP_FULL + ("none",)):
                     continue  # the boundary codecs measured in docs/models.md, full-precision synchronous step
-                for w, patches in ((w, p) for w in worlds for p in patch_counts(strategy, w)):
+                texts = PIPE_TEXT if _pipeline(strategy) and m.text_tokens else (None,)  # joint text: both modes
+                for w, patches, ptext in ((w, p, t) for w in worlds for p in patch_counts(strategy, w) for t in texts):
                     why = feasible(m, strategy, w)
                     if why:
                         continue
-                    tr = traffic(m, strategy, codec, w, text_mode, warmup=warm, patches=patches)
+                    tr = traffic(m, strategy, codec, w, text_mode, warmup=warm, patches=patches,
+                                 pipefusion_text=ptext or "first")
                     ib = image_bytes(m, tr, codec, warmup)
                     rr = ring_ref[w]
                     row = {
                         "section": "bytes", "model": mk, "model_name": m.name, "strategy": strategy, "codec": codec,
-                        "warmup": warm, "num_patches": patches,
+                        "warmup": warm, "num_patches": patches, "pipefusion_text": ptext,
                         "world_size": w, "text_mode": tr.get("text_mode") or ("split" if tr["split_text"] else "replicated"),
                         "steps": m.steps, "warmup_steps": warmup if codec != "none" else 0, "layers": m.layers,
                         "channels": m.channels, "tokens_per_rank": max(tr["tokens"]),
@@ -498,7 +510,8 @@ def build_rows(models, strategies, codecs, worlds, links, step_times: dict, warm
                         row["link_bound_below_Bps"] = tr["slot_coded"] / pipe_slot_compute(m, tr, w, t_step)
                     for link in links:
                         row[f"latency_{link.key}_s"] = predict_latency(m, strategy, codec, w, link, t_step, warmup,
-                                                                       text_mode, warmup_codec=warm, num_patches=patches)
+                                                                       text_mode, warmup_codec=warm, num_patches=patches,
+                                                                       pipefusion_text=ptext or "first")
                     rows.append(row)
     return rows
 
@@ -508,10 +521,11 @@ def published_rows() -> list[dict]:
     m = MODELS["flux-dev-1024-t256"]
     rows = []
     # the published methods, then compactfusion's compressed PipeFusion (predicted only) under the same conventions
-    methods = [(label, s, c, pub, 4) for label, (s, c, pub) in PUBLISHED["rows"].items()]
-    methods += [(f"PipeFusion + {c}, M={mp} (compactfusion)", "pipefusion", c, (None,) * len(PUBLISHED["columns"]), mp)
-                for c in PUBLISHED_PIPE_CODECS for mp in (4, 8)]
-    for label, strategy, codec, pub, patches in methods:
+    methods = [(label, s, c, pub, 4, "first") for label, (s, c, pub) in PUBLISHED["rows"].items()]
+    methods += [(f"PipeFusion + {c}, M={mp}, text {t} (compactfusion)", "pipefusion", c,
+                 (None,) * len(PUBLISHED["columns"]), mp, t)
+                for c in PUBLISHED_PIPE_CODECS for mp in (4, 8) for t in PIPE_TEXT]
+    for label, strategy, codec, pub, patches, ptext in methods:
         for (col, single, bw, lat), published in zip(PUBLISHED["columns"], pub):
             t_step = single / m.steps
             link = Link(col, col, bw, lat)
@@ -520,15 +534,15 @@ def published_rows() -> list[dict]:
                 pred, byts, ratio = single, 0, 1.0
             else:
                 pred = predict_latency(m, strategy, codec, 4, link, t_step, 1, text_mode="split",
-                                       num_patches=patches if pipe else None)
-                tr = traffic(m, strategy, codec, 4, "split", patches=patches if pipe else None)
+                                       num_patches=patches if pipe else None, pipefusion_text=ptext)
+                tr = traffic(m, strategy, codec, 4, "split", patches=patches if pipe else None, pipefusion_text=ptext)
                 ib = image_bytes(m, tr, codec, 1)
                 byts, ratio = ib["bytes_per_image"], ib["bytes_per_image_uncompressed"] / ib["bytes_per_image"]
             rows.append({"section": "published", "model": m.key, "model_name": m.name, "method": label,
                          "strategy": strategy or "none", "codec": codec or "none",
                          "warmup": "fp16" if codec not in (None, "none") else "none", "world_size": 4 if strategy else 1,
-                         "num_patches": patches if pipe else None,
-                         "text_mode": "carried" if pipe else "split", "link": col, "bytes_per_image": round(byts),
+                         "num_patches": patches if pipe else None, "pipefusion_text": ptext if pipe else None,
+                         "text_mode": ("carried" if ptext == "every" else "carried once") if pipe else "split", "link": col, "bytes_per_image": round(byts),
                          "compression_ratio": ratio, "predicted_s": pred, "published_s": published,
                          "predicted_over_published": None if published is None else pred / published})
     return rows
@@ -575,12 +589,15 @@ def pipefusion_checks(rows: list[dict], pub=()) -> list[dict]:
     key = "latency_500mbs_s"
     sel = [r for r in rows if r["section"] == "bytes" and r["model"] == "flux-dev-1024" and r["world_size"] == 4
            and key in r and r["warmup"] in WARMUP_FULL]
-    pipe = [r for r in sel if r["strategy"] == "pipefusion" and r["codec"] == "int4"]
+    pipe = [r for r in sel if r["strategy"] == "pipefusion" and r["codec"] == "int4" and r["pipefusion_text"] == "first"]
     ring = [r for r in sel if r["strategy"] == "ring" and r["codec"] != "none"]
     out = []
     if pipe:
         p = min(pipe, key=lambda r: r[key])
-        what = f"flux-dev-1024 W=4, 500 MB/s: pipefusion + int4 (M={p['num_patches']}) predicted"
+        every = [r for r in sel if r["strategy"] == "pipefusion" and r["codec"] == "int4"
+                 and r["pipefusion_text"] == "every" and r["num_patches"] == p["num_patches"]]
+        what = (f"flux-dev-1024 W=4, 500 MB/s: pipefusion + int4 (M={p['num_patches']}, text in the first pass; "
+                + (f"every pass: {every[0][key]:.2f} s" if every else "") + ") predicted")
         out.append({"claim": f"{what} < published PipeFusion {published:.2f} s (reference 8.2; its compute baseline "
                              f"28.06 s, ours {p['single_device_s']:.2f} s)",
                     "value": f"{p[key]:.2f} s", "ok": p[key] < published})
@@ -588,7 +605,8 @@ def pipefusion_checks(rows: list[dict], pub=()) -> list[dict]:
             b = min(ring, key=lambda r: r[key])
             out.append({"claim": f"{what} < best compressed ring predicted (ring + {b['codec']}: {b[key]:.2f} s)",
                         "value": f"{p[key]:.2f} s", "ok": p[key] < b[key]})
-    ref = [r for r in pub if r["strategy"] == "pipefusion" and r["codec"] == "int4" and r["link"] == col]
+    ref = [r for r in pub if r["strategy"] == "pipefusion" and r["codec"] == "int4" and r["link"] == col
+           and r["pipefusion_text"] == "first"]
     if ref:
         p = min(ref, key=lambda r: r["predicted_s"])
         out.append({"claim": f"reference conventions (256 text tokens, 28.06 s single device), W=4, 500 MB/s: "
@@ -700,7 +718,8 @@ def markdown(rows: list[dict], pub: list[dict], checks: list[dict], links, world
             f"{l}: {min(x['predicted_over_published'] for x in pub if x['method'] == l):.2f}-"
             f"{max(x['predicted_over_published'] for x in pub if x['method'] == l):.2f}" for l in PUBLISHED["rows"]) + ".",
             "PipeFusion rows are predicted with compactfusion's own schedule (`strategy=\"pipefusion\"`, M patches, "
-            "text carried by every patch pass, the pipeline drained at every step: bubble (W-1)/(M+W-1)), uncompressed "
+            "joint text in the first patch pass of each step unless the row says every pass (`pipefusion_text`), the "
+            "pipeline drained at every step: bubble (W-1)/(M+W-1)), uncompressed "
             "for the reference's row (plain xDiT, M = 4 inferred) and int4 for ours. xDiT steps the scheduler per patch "
             "inside its loop, so its pipeline need not drain between steps; that is the main reason our prediction is "
             "above its published time. At these links PipeFusion is compute-bound (a slot's boundary payload takes "
@@ -722,13 +741,14 @@ def _pipefusion_markdown(pipe: list[dict], rows: list[dict], links, w0: int) -> 
     from .plots import md_table
     lines = [f"### PipeFusion (`strategy=\"pipefusion\"`), W={w0}: bytes, weights and predicted seconds per image", "",
              "Traffic from `parallel.pipefusion.stage_traffic` (each boundary carries every image token once per step "
-             "plus, for FLUX and SD3, the text once per patch; the last stage sends the output raw to the others), "
+             "plus, for FLUX and SD3, the text once per step in the first pass, or once per patch with text \"every\"; the "
+             "last stage sends the output raw to the others), "
              "coded per (patch, tensor) stream with the codec's `encoded_nbytes`; the synchronous first step at fp16. "
              "Bytes per rank are the mean over the W stages (the last stage sends only the output: \"busiest\" is the "
              "largest). Latency: the synchronous step runs the whole image stage after stage (each boundary's send "
              "exposed); every later step is M + W - 1 slots of `max(slot compute, slot send) + latency`, a slot being "
-             "one patch through one stage (1/W of the blocks; MMDiT text rides along with every pass, so its compute "
-             "repeats M times per step), then the output send. Weights per rank: 1/W of the blocks plus the "
+             "one patch through one stage (1/W of the blocks; MMDiT text runs in one pass per step, or in every pass "
+             "with text \"every\", its compute then repeated M times per step), then the output send. Weights per rank: 1/W of the blocks plus the "
              "replicated embeddings and output layers, fp16/bf16 (parameter counts from diffusers' published configs, "
              "`bench project --count-params`); the other strategies hold the whole transformer.", ""]
     ring = {(r["model"]): r for r in rows if r["strategy"] == "ring" and r["codec"] == "none" and r["world_size"] == w0}
@@ -736,17 +756,18 @@ def _pipefusion_markdown(pipe: list[dict], rows: list[dict], links, w0: int) -> 
     for r in pipe:
         full = ring.get(r["model"])
         mem = r.get("param_bytes_per_rank")
-        body.append([r["model"], r["codec"], r["num_patches"], _gb(r["bytes_per_image"]), _gb(r["bytes_per_image_max_rank"]),
+        body.append([r["model"], r["codec"], r["num_patches"], r.get("pipefusion_text") or "-", _gb(r["bytes_per_image"]), _gb(r["bytes_per_image_max_rank"]),
                      f"{r['image_bytes_vs_ring']:.0f}x", f"{r['compression_ratio']:.2f}x",
                      "-" if mem is None else f"{mem / 1e9:.2f} GB" + ("" if not full or not full.get("param_bytes_per_rank")
                                                                      else f" (of {full['param_bytes_per_rank'] / 1e9:.2f})"),
                      f"{r['link_bound_below_Bps'] / 1e6:.0f}"])
-    lines += [md_table(["model", "codec", "M", "bytes/image/rank (mean)", "busiest rank", "fewer than uncompressed ring",
+    lines += [md_table(["model", "codec", "M", "text", "bytes/image/rank (mean)", "busiest rank", "fewer than uncompressed ring",
                         "ratio vs uncompressed pipefusion", "weights/rank", "link-bound below (MB/s)"], body), ""]
-    body = [[r["model"], r["codec"], r["num_patches"]] + [f"{r[f'latency_{l.key}_s']:.2f}" for l in links] for r in pipe]
+    body = [[r["model"], r["codec"], r["num_patches"], r.get("pipefusion_text") or "-"]
+            + [f"{r[f'latency_{l.key}_s']:.2f}" for l in links] for r in pipe]
     lines += [f"Predicted seconds per image (W={w0}); single device: " + ", ".join(
         f"{mk} {next(r['single_device_s'] for r in pipe if r['model'] == mk):.2f} s" for mk in dict.fromkeys(r["model"] for r in pipe))
-        + ".", "", md_table(["model", "codec", "M"] + [l.label for l in links], body), ""]
+        + ".", "", md_table(["model", "codec", "M", "text"] + [l.label for l in links], body), ""]
     return lines
 
 
@@ -766,8 +787,8 @@ def plots(rows: list[dict], links, out: Path) -> list[str]:
     if flux and finite:
         series = {}
         def wanted(r):
-            if r["strategy"] == "pipefusion":  # M = W: FLUX's faster patch count (every pass recomputes the text)
-                return r["codec"] in ("none", "int4") and r["num_patches"] == w0
+            if r["strategy"] == "pipefusion":  # M = W, the default text mode
+                return r["codec"] in ("none", "int4") and r["num_patches"] == w0 and r["pipefusion_text"] == "first"
             return r["codec"] == "none" or (r["strategy"] in ("ring", "distrifusion")
                                             and r["codec"] in ("binary", "int2", "lowrank-int4:32"))
         for r in filter(wanted, flux):

@@ -44,6 +44,9 @@ def add_common_args(p) -> None:
     par.add_argument("--cfg-parallel", action="store_true")
     par.add_argument("--num-patches", type=int, default=None, metavar="M",
                      help="pipefusion: image patches per step (>= the number of stages; default one per stage)")
+    par.add_argument("--pipefusion-text", choices=("first", "every"), default=None,
+                     help="pipefusion, joint-text families (FLUX, SD3): run the text in the first patch pass of each "
+                          "step (default; M times less text work) or in every pass")
     par.add_argument("--timeout", type=float, default=60.0,
                      help=f"seconds before a collective is declared dead ({TIMEOUT_RANGE_S[0]:g}..{TIMEOUT_RANGE_S[1]:g})")
     par.add_argument("--check-consistency", type=int, default=0, metavar="K",
@@ -131,6 +134,9 @@ def build_configs(a, world: int):
         raise UsageError("--num-patches applies to --strategy pipefusion only")
     if patches is not None and patches < 1:
         raise UsageError(f"--num-patches must be >= 1, got {patches}")
+    text = getattr(a, "pipefusion_text", None)
+    if text is not None and strategy != "pipefusion":
+        raise UsageError("--pipefusion-text applies to --strategy pipefusion only")
     if a.codec == "none" and (a.no_error_feedback or a.residual != 1):
         raise UsageError("--residual/--no-error-feedback only make sense with a --codec; add e.g. --codec binary")
     link = LinkModel(bandwidth=a.bandwidth, latency=a.latency, mode=a.link_mode)
@@ -146,6 +152,6 @@ def build_configs(a, world: int):
         compression = CompressionConfig(codec=a.codec, **coder)
     cfg = ParallelConfig(strategy=strategy, compression=compression, link=link, ulysses_degree=a.ulysses_degree,
                          ring_degree=a.ring_degree, cfg_parallel=a.cfg_parallel, timeout_s=a.timeout,
-                         check_consistency_every=a.check_consistency, num_patches=patches)
+                         check_consistency_every=a.check_consistency, num_patches=patches, pipefusion_text=text)
     cfg.resolve(world)
     return cfg, compression, link

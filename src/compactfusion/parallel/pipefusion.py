@@ -19,10 +19,12 @@ overwritten with its fresh K/V. Slots of patches before ``p`` were refreshed ear
 after ``p`` are one step stale — xDiT's semantics. Synchronous steps (the first ``stale_warmup_steps``)
 run the whole image as one patch: exact, and they fill the buffers and seed every patch stream.
 
-Joint text tokens (MMDiT double-stream blocks) ride along with every patch: each patch pass carries its
-own copy of the text hidden states through the stages (they attend to that patch's fresh K/V and the
-buffer), and the text K/V are always fresh, never buffered. Text only feeds the image output, so the
-last pass's text is dropped like the others'.
+Joint text tokens (MMDiT double-stream blocks), ``pipefusion_text="first"`` (the default): the text runs
+in the first patch pass of each step only — its queries see patch 0's fresh K/V and the buffer — and its
+K/V are kept per layer like a patch's; the later passes run without text (zero text tokens) and attend to
+those K/V of this step. Text then costs one pass of compute and one boundary payload per step, not M.
+``"every"``: each patch pass carries its own copy of the text through the stages with fresh text K/V
+(M times the text work and bytes). Text only feeds the image output either way.
 
 This module holds the per-branch state (K/V buffers, boundary coding); the diffusers runtime
 (``integrations/diffusers/pipeline.py``) drives the patch loop and the stage hooks.
@@ -53,6 +55,8 @@ class PatchSlot(NamedTuple):
     size: int
     total: int
     count: int  # patches in this pass's step (1 = synchronous)
+    text: bool = True  # this pass runs the joint text (False: the text K/V of this step's text pass are attended)
+    text_patch: "int | None" = None  # the patch whose stream carries the text (None: every patch stream)
 
 
 def _as4d(x: torch.Tensor) -> torch.Tensor:
@@ -66,6 +70,7 @@ class PipeFusionStrategy(Strategy):
     def __init__(self, ctx):
         super().__init__(ctx)
         self._kv: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # layer -> (K, V) of the whole image
+        self._text_kv: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # layer -> joint text (K, V) of the text pass
         self._sends: list = []  # in-flight boundary sends of this step (waited by ``finish_step``)
 
     # -- attention -----------------------------------------------------------------------------
@@ -73,6 +78,15 @@ class PipeFusionStrategy(Strategy):
         slot: PatchSlot | None = getattr(self.ctx, "patch", None)
         jk = [] if joint is None else [joint.k]
         jv = [] if joint is None else [joint.v]
+        if slot is not None and slot.text_patch is not None:
+            if joint is not None:  # the text pass: its K/V serve the passes without text
+                self._text_kv[layer] = (joint.k.clone(), joint.v.clone())
+            elif layer in self._text_kv:  # a pass without text: the text pass's K/V, like an earlier patch's
+                tk, tv = self._text_kv[layer]
+                if tk.shape[0] != q.shape[0]:
+                    raise RuntimeError(f"pipefusion layer {layer}, step {step}: buffered text K/V of batch "
+                                       f"{tk.shape[0]} for a pass of batch {q.shape[0]}")
+                jk, jv = [tk], [tv]
         if slot is None or slot.count == 1:
             if slot is not None and k.shape[1] != slot.total:
                 raise RuntimeError(f"pipefusion layer {layer}: a synchronous pass holds {k.shape[1]} image tokens, "
@@ -107,7 +121,7 @@ class PipeFusionStrategy(Strategy):
         for p, off, size in self._patches(slot):
             parts, unc = [], 0
             warm = coder.warmup(boundary, step)
-            for name in sorted(tensors):
+            for name in self._carried(tensors, joint_names, slot, p):
                 x = tensors[name]
                 if slot.count == 1 and name not in joint_names:
                     x = x.narrow(1, off, size)
@@ -124,9 +138,9 @@ class PipeFusionStrategy(Strategy):
         comm, me = self.ctx.ring_comm, self.ctx.ring_comm.rank
         coder = self.ctx.coder
         src = comm.ranks[me - 1]
-        names = sorted(like)
-        pieces: dict = {n: [] for n in names}
+        pieces: dict = {n: [] for n in like}
         for p, off, size in self._patches(slot):
+            names = self._carried(like, joint_names, slot, p)
             shapes = {}
             for name in names:
                 x = like[name]
@@ -146,12 +160,27 @@ class PipeFusionStrategy(Strategy):
                                   boundary, step)
                 pieces[name].append(x4.reshape(shapes[name]))
         out = {}
-        for name in names:
-            if slot.count == 1 and len(pieces[name]) > 1:
-                out[name] = pieces[name][0] if name in joint_names else torch.cat(pieces[name], dim=1)
+        for name, got in pieces.items():
+            if not got:  # text this pass does not carry (zero tokens): the input as it is
+                out[name] = like[name]
+            elif slot.count == 1 and len(got) > 1:
+                out[name] = got[0] if name in joint_names else torch.cat(got, dim=1)
             else:
-                out[name] = pieces[name][0]
+                out[name] = got[0]
         return out
+
+    @staticmethod
+    def _carried(tensors: dict, joint_names, slot: PatchSlot, patch: int) -> list:
+        """The carried tensors patch ``patch``'s stream holds in this pass (the text rides one stream, or each)."""
+        names = []
+        for name in sorted(tensors):
+            if name in joint_names:
+                if tensors[name].shape[1] == 0:  # a pass without text
+                    continue
+                if slot.count == 1 and slot.text_patch is not None and patch != slot.text_patch:
+                    continue
+            names.append(name)
+        return names
 
     def _patches(self, slot: PatchSlot):
         """``(patch index, offset, size)`` of the streams a pass covers: its own, or all M when synchronous."""
@@ -199,9 +228,10 @@ class PipeFusionStrategy(Strategy):
             except CommError:
                 pass  # the communicator is poisoned and reports on its next use
         self._kv.clear()
+        self._text_kv.clear()
 
     def buffer_nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for kv in self._kv.values() for t in kv)
+        return sum(t.numel() * t.element_size() for d in (self._kv, self._text_kv) for kv in d.values() for t in kv)
 
     def holders(self, key) -> tuple[int, ...]:
         """Boundary stream ``("pipe", src, patch, name)``: the sender and the next stage."""
@@ -218,14 +248,15 @@ def _shape4(shape) -> tuple:
 
 
 def stage_traffic(tokens: int, text_tokens: int, hidden: int, out_channels: int, stages: int, patches: int,
-                  carried_text: bool) -> dict:
+                  carried_text: bool, text_passes: int = 1) -> dict:
     """Elements one pipeline group moves per denoising step (after warmup), by kind.
 
     ``boundary``: every boundary carries every image token once per step, plus, when text rides along
-    (MMDiT), the text tokens once per patch; ``out``: the last stage's output to the other stages.
-    The element counts times the codec's bits per element give the wire bytes (raw for ``out``).
+    (MMDiT), the text tokens once per pass that runs them (``text_passes``: 1 under
+    ``pipefusion_text="first"``, ``patches`` under ``"every"``); ``out``: the last stage's output to the
+    other stages. The element counts times the codec's bits per element give the wire bytes (raw for ``out``).
     """
-    per_boundary = tokens * hidden + (patches * text_tokens * hidden if carried_text else 0)
+    per_boundary = tokens * hidden + (text_passes * text_tokens * hidden if carried_text else 0)
     return {"boundary": (stages - 1) * per_boundary, "out": (stages - 1) * tokens * out_channels,
             "messages": (stages - 1) * patches + (stages - 1)}
 
@@ -233,9 +264,11 @@ def stage_traffic(tokens: int, text_tokens: int, hidden: int, out_channels: int,
 def step_traffic(shape: TrafficShape, wire) -> StepTraffic:
     """Per-rank bytes of one step (registry formula): ``stage_traffic``'s elements coded per (patch, tensor) stream.
 
-    One residual stream per image patch plus, when joint (MMDiT) text rides along, the text once per patch;
+    One residual stream per image patch plus, when joint (MMDiT) text rides along, the text once per pass that
+    runs it (``shape.text_passes``: None = 1, ``pipefusion_text="first"``; M for ``"every"``);
     stages 0..W-2 send their boundary (one unit per step, M messages), the last stage sends the output raw to
-    the W-1 others. ``slot``: the largest single-patch payload, what one pipeline slot sends.
+    the W-1 others. ``slot``: what one pipeline slot sends on average (the largest patch, plus its share of the
+    text: all of it under "every", 1/M under "first").
     """
     w, c, b, t = shape.world, shape.channels, shape.batch, shape.text_tokens
     patches = w if shape.patches is None else shape.patches
@@ -244,14 +277,20 @@ def step_traffic(shape: TrafficShape, wire) -> StepTraffic:
     if shape.layers < w:
         raise ValueError(f"{shape.layers} blocks do not make {w} stages")
     carried = t > 0  # cross-attention text is never sent
-    st = stage_traffic(shape.image_tokens, t, c, shape.out_channels, w, patches, carried)
+    passes = 1 if shape.text_passes is None else shape.text_passes
+    if passes not in (1, patches):
+        raise ValueError(f"pipefusion: the text runs in 1 pass per step ('first') or in all {patches} ('every'), "
+                         f"not {passes}")
+    st = stage_traffic(shape.image_tokens, t, c, shape.out_channels, w, patches, carried, passes)
     sizes = shard_sizes(shape.image_tokens, patches)  # the runtime's split (ParallelContext.patch_sizes)
-    streams = [b * n for n in sizes] + ([b * t] * patches if carried else [])
+    streams = [b * n for n in sizes] + ([b * t] * passes if carried else [])
     if w > 1 and sum(streams) * c * (w - 1) != b * st["boundary"]:
         raise RuntimeError(f"pipefusion streams ({sum(streams)} rows) disagree with stage_traffic ({st['boundary']})")
     out = b * st["out"] * shape.dtype_bytes if w > 1 else 0
     return StepTraffic(layer=(sum(wire(n, c) for n in streams),) * (w - 1) + (0,), layer_msgs=patches,
                        gather=(0,) * (w - 1) + (out,), gather_msgs=w - 1,
                        tokens=(b * (sizes[0] + (t if carried else 0)),) * w, overlap="pipeline",
-                       text="carried" if carried else "cross-attention", units=1,
-                       slot=wire(b * sizes[0], c) + (wire(b * t, c) if carried else 0), patch_sizes=tuple(sizes))
+                       text=("carried" if passes > 1 or patches == 1 else "carried once") if carried else "cross-attention",
+                       units=1,
+                       slot=wire(b * sizes[0], c) + (wire(b * t, c) * passes / patches if carried else 0),
+                       patch_sizes=tuple(sizes))

@@ -39,6 +39,7 @@ class TrafficShape(NamedTuple):
     split_text: bool = False  # text sharded like the image tokens (else replicated on every rank: never sent)
     dtype_bytes: int = 2      # the model dtype (fp16 / bf16)
     patches: "int | None" = None  # pipeline strategies: patches per step (None: one per stage)
+    text_passes: "int | None" = None  # pipeline, joint text: passes per step that run it (None: 1, "first")
 
     @property
     def channels(self) -> int:
@@ -69,7 +70,7 @@ class StepTraffic:
     gather_msgs: int
     tokens: tuple         # rows of the rank's (largest) stream
     overlap: str          # one of OVERLAPS
-    text: str             # "split", "replicated", "carried" (every patch pass) or "cross-attention"
+    text: str             # "split", "replicated", "carried" (every patch pass), "carried once" or "cross-attention"
     units: "int | None" = None  # units per step: None = every attention layer (PipeFusion: 1 boundary)
     slot: int = 0         # pipeline: bytes of the largest single-patch payload (what one slot sends)
     patch_sizes: tuple = ()

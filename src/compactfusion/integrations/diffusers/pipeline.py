@@ -26,6 +26,7 @@ of a step (xDiT avoids it by stepping the scheduler per patch inside its own den
 from __future__ import annotations
 
 import inspect
+from collections.abc import Mapping
 
 import torch
 
@@ -92,6 +93,13 @@ class StageRuntime:
         self.first, self.end = self.bounds[s], self.bounds[s + 1]
         self.params_total = sum(p.numel() for p in model.parameters())
         self.joint_names = tuple(n for n in stages.carry if n in rt.plan.joint_tokens)
+        self.text_dims = dict(stages.text) if isinstance(stages.text, Mapping) else {n: -2 for n in stages.text}
+        mode = ctx.config.pipefusion_text
+        if mode == "first" and self.joint_names and not self.text_dims:
+            raise ValueError(f"pipefusion_text='first': plan {rt.plan.name!r} names no text inputs (Stages.text) to cut "
+                             f"from the earlier patch passes; use pipefusion_text='every' or add them to the plan")
+        # text in the first pass only: the default wherever the plan says where the text is
+        self.text_once = bool(self.joint_names and self.text_dims) and mode != "every"
         self._undo: list = []
         self.released: list[str] = []
         self.shapes: dict = {}  # boundary -> (rows, channels, dtype) of one patch payload (codec="auto")
@@ -206,12 +214,27 @@ class StageRuntime:
             auto.ensure(b, (rows, cols), getattr(torch, dtype), device, messages=1, encodes=1)
 
     # -- the step ------------------------------------------------------------------------------
+    @staticmethod
+    def text_pass(patches: int) -> int:
+        """The patch pass of a step that runs the joint text under ``pipefusion_text="first"``."""
+        return 0
+
+    def without_text(self, arguments: dict) -> dict:
+        """The model inputs of a patch pass without the joint text: every text input cut to zero tokens."""
+        out = dict(arguments)
+        for name, dim in self.text_dims.items():
+            x = out.get(name)
+            if isinstance(x, torch.Tensor) and x.ndim >= 2:
+                out[name] = x.narrow(dim, 0, 0)
+        return out
+
     def slot_for(self, call, total: int) -> PatchSlot:
         """The patch a split of ``total`` tokens gives this pass (and records it for attention)."""
         p, m = call.part
         sizes = self.ctx.patch_sizes(total) if m > 1 else [total]
         off = sum(sizes[:p])
-        slot = PatchSlot(p, off, sizes[p], total, m)
+        slot = PatchSlot(p, off, sizes[p], total, m, call.text,
+                         self.text_pass(self.ctx.num_patches) if self.text_once else None)
         prev = self.ctx.patch
         if prev is not None and prev.total != total:
             raise ValueError(f"pipefusion plan {self.rt.plan.name!r} splits two token sets ({prev.total} and {total} "

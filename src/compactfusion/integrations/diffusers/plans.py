@@ -68,12 +68,15 @@ class Stages:
 
     ``blocks``: the block lists (``ModuleList`` paths) in execution order; ``carry``: the block inputs that
     hold the running state from block to block (they travel between stages); ``returns``: the carried
-    inputs in the order a block returns them (one tuple for every list, or ``{list path: tuple}``).
+    inputs in the order a block returns them (one tuple for every list, or ``{list path: tuple}``);
+    ``text``: the model inputs that hold the joint text tokens, with their token dimension — what a patch
+    pass without text (``pipefusion_text="first"``) cuts to zero tokens; () = the text rides every pass.
     """
 
     blocks: tuple
     carry: tuple
     returns: Union[tuple, Mapping] = ()
+    text: Union[tuple, Mapping] = ()
 
     def returns_of(self, path: str) -> tuple:
         r = self.returns.get(path, ()) if isinstance(self.returns, Mapping) else self.returns
@@ -155,7 +158,8 @@ _PLANS = [
                notes="FLUX.1 (dev, schnell, Kontext, Fill) and the bundled digits model",
                stages=Stages(("transformer_blocks", "single_transformer_blocks"),
                              carry=("hidden_states", "encoder_hidden_states"),
-                             returns=("encoder_hidden_states", "hidden_states"))),
+                             returns=("encoder_hidden_states", "hidden_states"),
+                             text={"encoder_hidden_states": -2, "txt_ids": -2})),
     FamilyPlan("flux2", {"": {"hidden_states": Split(1, 3), "img_ids": Split(1, 3)}, "proj_out": Gather(1, 3)},
                joint="front", families=("Flux2Transformer2DModel",)),
     FamilyPlan("qwenimage", {"": {"controlnet_block_samples": Split(1, 3)},
@@ -196,7 +200,7 @@ _PLANS = [
                families=("SD3Transformer2DModel",),
                notes="joint attention over [image, text]; SD3.5's second (image-only) attention is routed too",
                stages=Stages(("transformer_blocks",), carry=("hidden_states", "encoder_hidden_states"),
-                             returns=("encoder_hidden_states", "hidden_states"))),
+                             returns=("encoder_hidden_states", "hidden_states"), text={"encoder_hidden_states": -2})),
     FamilyPlan("pixart", {"pos_embed": {0: Split(1, 3)}, "proj_out": Gather(1, 3)},
                cross_attention=("transformer_blocks.*.attn2",), families=("PixArtTransformer2DModel",),
                notes="PixArt-alpha and -sigma; text enters by cross-attention only"),

@@ -100,6 +100,7 @@ class _Call:
     stream_step: int = 0
     joint_tokens: int = 0  # replicated tokens in each self-attention call (plans with ``joint``)
     part: tuple = (0, 1)  # pipefusion: (patch, patches of this step); splits take patch p of M, not rank r of W
+    text: bool = True  # pipefusion: this pass holds the joint text (False: cut to 0 tokens, its K/V buffered)
 
     def local_sums(self) -> set:
         """Token counts a routed call may hold: sums of distinct split lengths (e.g. text shard + image shard)."""
@@ -486,9 +487,12 @@ class TransformerRuntime:
         out = None
         self._pipe_out = None
         for p in range(m):
-            call = _Call(ns=first.ns, stream_step=first.stream_step, joint_tokens=first.joint_tokens, part=(p, m))
+            text = not self.pipe.text_once or p == self.pipe.text_pass(m)  # one pass of a step runs the text
+            arguments = dict(bound.arguments) if text else self.pipe.without_text(bound.arguments)
+            call = _Call(ns=first.ns, stream_step=first.stream_step, joint_tokens=first.joint_tokens if text else 0,
+                         part=(p, m), text=text)
             ctx.patch = None
-            out = self._pass(original, inspect.BoundArguments(bound.signature, dict(bound.arguments)), call)
+            out = self._pass(original, inspect.BoundArguments(bound.signature, arguments), call)
         ctx.use_branch(first.ns)
         out = self.pipe.output(out, first.stream_step)
         ctx.patch = None
