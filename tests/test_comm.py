@@ -331,6 +331,20 @@ def _ops_main(rank: int, world: int):
     took = time.monotonic() - t0
     assert took >= (W - 1) * 0.05 - 1e-3, took
     assert math.isclose(slow.ledger.summary()["modeled_comm_s"], (W - 1) * 0.05, rel_tol=1e-12)
+
+    # 9. one-to-many pair sends in sleep mode: the last rank's link carries its messages one after another,
+    # so receiver r (behind r others) gets its 20 kB at 1 MB/s after (r + 1) x 20 ms
+    slow.barrier()
+    t0 = time.monotonic()
+    if me == W - 1:
+        for h in [slow.pair_send(_payload(me, 20_000), r, tensor="out") for r in range(W - 1)]:
+            h.wait()
+        arrived = None
+    else:
+        got = slow.pair_recv(20_000, W - 1, tensor="out", behind=me).wait()
+        arrived = time.monotonic() - t0
+        assert torch.equal(got, _payload(W - 1, 20_000))
+        assert arrived >= (me + 1) * 0.02 - 1e-3, (me, arrived)
     return {"summary": s, "exp_time": exp_time, "total": {k: v for k, v in tot.items() if k != "per_rank"},
             "sleep_took": took}
 

@@ -451,9 +451,12 @@ class Communicator:
         return CommHandle(self, ctx, works, lambda: None, 0.0, n)
 
     def pair_recv(self, nbytes: int, src: int, *, layer: Any = None, step: Any = None, tensor: Any = "data",
-                  device: torch.device | str | None = None) -> CommHandle:
+                  device: torch.device | str | None = None, behind: int = 0) -> CommHandle:
         """Start receiving ``nbytes`` bytes from group rank ``src`` (its matching :meth:`pair_send`);
-        ``wait()`` returns them as a 1-D uint8 tensor on ``device`` (default: the control device)."""
+        ``wait()`` returns them as a 1-D uint8 tensor on ``device`` (default: the control device).
+
+        ``behind``: messages of this size that ``src``'s link carries to other ranks before this one (a
+        one-to-many send): sleep mode charges them too, as the sender's one outbound link would."""
         ctx = self._ctx("pair_recv", layer, step, tensor)
         if not (isinstance(src, int) and 0 <= src < self.size and src != self.rank):
             raise ValueError(f"{ctx.describe()}: src={src!r} must be another group rank index in [0, {self.size})")
@@ -463,7 +466,8 @@ class Communicator:
         wire = self._stage(out)
         works = self._start_p2p(ctx, [], [(src, wire)], tag) if out.numel() else []
 
-        cost = self.link.cost(out.numel()) if (self.link.mode == "sleep" and out.numel()) else 0.0
+        cost = (1 + max(0, int(behind))) * self.link.cost(out.numel()) \
+            if (self.link.mode == "sleep" and out.numel()) else 0.0
 
         def finish():
             if wire is not out:

@@ -205,7 +205,9 @@ class PipeFusionStrategy(Strategy):
                 h.wait()
             return x
         try:
-            raw = comm.pair_recv(nbytes, last, layer=-1, step=step, tensor="out", device=x.device).wait()
+            # the last stage sends to ranks 0, 1, ... in order on its one link: rank r waits behind r messages
+            raw = comm.pair_recv(nbytes, last, layer=-1, step=step, tensor="out", device=x.device,
+                                 behind=comm.rank).wait()
         except CommError as e:
             raise type(e)(f"pipefusion stage {comm.rank} (rank {comm.ranks[comm.rank]}) waiting for the output of the "
                           f"last stage (rank {comm.ranks[last]}): {e}", e.context) from e
