@@ -734,7 +734,9 @@ def markdown(rows: list[dict], pub: list[dict], checks: list[dict], links, world
 
 
 def _label(r: dict) -> str:
-    return f"{r['strategy']} M={r['num_patches']}" if r.get("num_patches") else r["strategy"]
+    if not r.get("num_patches"):
+        return r["strategy"]
+    return f"{r['strategy']} M={r['num_patches']}" + (f" text {r['pipefusion_text']}" if r.get("pipefusion_text") else "")
 
 
 def _pipefusion_markdown(pipe: list[dict], rows: list[dict], links, w0: int) -> list[str]:
