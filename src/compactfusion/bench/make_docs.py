@@ -82,7 +82,9 @@ def headline(out: Path) -> str:
     names = [("ring", "Ring attention (exact)"), ("ulysses", "Ulysses (exact)"), ("distrifusion", "DistriFusion (stale K/V)"),
              ("diffusers-ring", "diffusers native ring CP"), ("ring+int2", "compactfusion int2 + EF"),
              ("ring+binary", "compactfusion binary (1-bit) + EF"), ("ring+lowrank-int4:32", "compactfusion lowrank-int4:32 + EF"),
-             ("ring+lowrank-int4-bpe:1.1/o2", "compactfusion lowrank-int4-bpe:1.1 + order 2 (~1.1-bit)")]
+             ("ring+lowrank-int4-bpe:1.1/o2", "compactfusion lowrank-int4-bpe:1.1 + order 2 (~1.1-bit)"),
+             ("pipefusion", "PipeFusion (stale patches; 1/W of the weights per rank)"),
+             ("pipefusion+int4/o2/int8-warmup", "compactfusion PipeFusion, int4 + order 2 boundaries")]
     if q or lat or proj:
         w = max((r["world_size"] for r in lat), default=4)
         lw = [r for r in lat if r["world_size"] == w and r["latency"] == "0"]
@@ -90,7 +92,8 @@ def headline(out: Path) -> str:
         slow = min(ring_rows, key=lambda r: r["wall_s"], default=None) or \
             max((r for r in lw if r["method"] == "ring" and r["bandwidth"] != "inf"), key=lambda r: r.get("comm_fraction", 0), default=None)
         flux = {(r["strategy"], r["codec"]): r for r in proj if r["model"] == "flux-dev-1024" and r["world_size"] == 4
-                and r.get("warmup", "fp16") in ("fp16", "none")}  # full-precision warmup rows (bench project)
+                and r.get("warmup", "fp16") in ("fp16", "none")  # full-precision warmup rows (bench project)
+                and r.get("num_patches") in (None, 4) and r.get("pipefusion_text") in (None, "first")}  # defaults
         head = ["method", "PSNR vs 1 device (digits)", "K/V bits/element after warmup (digits)", "bytes/image/rank (digits)"]
         if slow:
             head.append(f"s/image at {slow['bandwidth']}, W={w} (speed-up vs ring)")
@@ -126,7 +129,8 @@ def headline(out: Path) -> str:
                          f"{slow['bandwidth']} per rank, where uncompressed ring spends "
                          f"{100 * slow.get('comm_fraction', 0):.0f}% of its time communicating.")
         notes.append("FLUX: exact bytes from the codecs' wire sizes (fp16, 1 warmup step, 28 steps); latency from the "
-                     "`bench project` model (compute/W + exposed communication) with FLUX's published L20 compute time.")
+                     "`bench project` model (compute/W + exposed communication) with FLUX's published L20 compute time; "
+                     "PipeFusion there with M = 4 patches, text in the first pass, an fp16 synchronous step.")
         lines += [" ".join(notes), ""]
     return "\n".join(lines)
 
