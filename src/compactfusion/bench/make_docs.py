@@ -25,7 +25,7 @@ BENCHES = {
     "project": ([], ["--quick"], 300),
     "codecs": ([], ["--quick"], 600),
     "comm": ([], ["--quick"], 420),
-    "quality": ([], ["--quick"], 1500),
+    "quality": ([], ["--quick"], 2400),
     "latency": (["--shaped"], ["--quick"], 900),
     "soak": (["--generations", "40"], ["--generations", "6"], 420),
     "serve": (["--requests", "8", "--concurrency", "1,4", "--steps", "4"], ["--requests", "4", "--concurrency", "1",
