@@ -576,9 +576,10 @@ def headline(rows, w: int) -> list[dict]:
     if pf:
         for name in ("pipefusion+int4/o2/int8-warmup",):
             c = by.get((name, pf["bandwidth"], "0"))
-            if c:
+            if c:  # the bar is for the communication-bound point (the slow link); elsewhere it is reported only
+                bound = pf["bandwidth"] == SLOW_BW
                 out.append({"claim": f"W={w}, {pf['bandwidth']}: {name} >= 3x faster than uncompressed PipeFusion",
-                            "ok": pf["wall_s"] >= 3.0 * c["wall_s"],
+                            "ok": (pf["wall_s"] >= 3.0 * c["wall_s"]) if bound else None,
                             "value": f"{pf['wall_s'] / c['wall_s']:.2f}x ({c['wall_s']:.2f} s vs {pf['wall_s']:.2f} s; "
                                      f"byte bound {pf['bytes_max_rank'] / max(1, c['bytes_max_rank']):.1f}x)"})
     ring_u, bin_u = by.get(("ring", "inf", "0")), by.get(("ring+binary", "inf", "0"))
