@@ -84,7 +84,7 @@ def headline(out: Path) -> str:
              ("ring+binary", "compactfusion binary (1-bit) + EF"), ("ring+lowrank-int4:32", "compactfusion lowrank-int4:32 + EF"),
              ("ring+lowrank-int4-bpe:1.1/o2", "compactfusion lowrank-int4-bpe:1.1 + order 2 (~1.1-bit)"),
              ("pipefusion", "PipeFusion (stale patches; 1/W of the weights per rank)"),
-             ("pipefusion+int4/o2/int8-warmup", "compactfusion PipeFusion, int4 + order 2 boundaries")]
+             ("pipefusion+int4/o2/int8-warmup", "compactfusion PipeFusion, int4 + order 2 boundaries, int8 first step")]
     if q or lat or proj:
         w = max((r["world_size"] for r in lat), default=4)
         lw = [r for r in lat if r["world_size"] == w and r["latency"] == "0"]
@@ -94,7 +94,7 @@ def headline(out: Path) -> str:
         flux = {(r["strategy"], r["codec"]): r for r in proj if r["model"] == "flux-dev-1024" and r["world_size"] == 4
                 and r.get("warmup", "fp16") in ("fp16", "none")  # full-precision warmup rows (bench project)
                 and r.get("num_patches") in (None, 4) and r.get("pipefusion_text") in (None, "first")}  # defaults
-        head = ["method", "PSNR vs 1 device (digits)", "K/V bits/element after warmup (digits)", "bytes/image/rank (digits)"]
+        head = ["method", "PSNR vs 1 device (digits)", "stream bits/element after warmup (digits; K/V, PipeFusion: boundaries)", "bytes/image/rank (digits)"]
         if slow:
             head.append(f"s/image at {slow['bandwidth']}, W={w} (speed-up vs ring)")
         if lw:
