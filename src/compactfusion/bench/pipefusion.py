@@ -46,6 +46,7 @@ def worker(rank, world, cfgs, images, steps):
             comp = None if c["codec"] == "none" else cf.CompressionConfig(codec=c["codec"], residual_order=2)
             cf.parallelize(pipe, cf.ParallelConfig(strategy="pipefusion", compression=comp, num_patches=c["num_patches"],
                                                    pipefusion_text=c["pipefusion_text"]))
+            pipe.set_progress_bar_config(disable=True)
             t0 = time.perf_counter()
             img = call(pipe)
             wall = time.perf_counter() - t0
