@@ -33,6 +33,9 @@ import torch
 from ...parallel.pipefusion import PatchSlot
 from .plans import Stages, resolve_paths
 
+#: pipefusion_text="first": the patch pass of each step that runs the joint text (and whose stream carries it)
+TEXT_PASS = 0
+
 __all__ = ["StageRuntime", "partition_blocks", "ReleasedWeightsError"]
 
 
@@ -214,11 +217,6 @@ class StageRuntime:
             auto.ensure(b, (rows, cols), getattr(torch, dtype), device, messages=1, encodes=1)
 
     # -- the step ------------------------------------------------------------------------------
-    @staticmethod
-    def text_pass(patches: int) -> int:
-        """The patch pass of a step that runs the joint text under ``pipefusion_text="first"``."""
-        return 0
-
     def without_text(self, arguments: dict) -> dict:
         """The model inputs of a patch pass without the joint text: every text input cut to zero tokens."""
         out = dict(arguments)
@@ -233,8 +231,7 @@ class StageRuntime:
         p, m = call.part
         sizes = self.ctx.patch_sizes(total) if m > 1 else [total]
         off = sum(sizes[:p])
-        slot = PatchSlot(p, off, sizes[p], total, m, call.text,
-                         self.text_pass(self.ctx.num_patches) if self.text_once else None)
+        slot = PatchSlot(p, off, sizes[p], total, m, call.text, TEXT_PASS if self.text_once else None)
         prev = self.ctx.patch
         if prev is not None and prev.total != total:
             raise ValueError(f"pipefusion plan {self.rt.plan.name!r} splits two token sets ({prev.total} and {total} "

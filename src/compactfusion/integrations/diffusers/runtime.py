@@ -29,6 +29,7 @@ import torch
 
 from ...parallel.errors import ConfigMismatchError
 from .guards import check_finite, check_ranks_agree, generator_fingerprint, tensor_digest
+from .pipeline import TEXT_PASS
 from .plans import FamilyPlan, Gather, Split, is_cross_attention, resolve_paths, unwrap_model
 from .router import AttentionRouter, UnroutedAttentionError, UnsupportedAttentionError, backend_of, check_backend
 
@@ -487,7 +488,7 @@ class TransformerRuntime:
         out = None
         self._pipe_out = None
         for p in range(m):
-            text = not self.pipe.text_once or p == self.pipe.text_pass(m)  # one pass of a step runs the text
+            text = not self.pipe.text_once or p == TEXT_PASS  # one pass of a step runs the text
             arguments = dict(bound.arguments) if text else self.pipe.without_text(bound.arguments)
             call = _Call(ns=first.ns, stream_step=first.stream_step, joint_tokens=first.joint_tokens if text else 0,
                          part=(p, m), text=text)
