@@ -134,6 +134,11 @@ def _w2_worker(rank, world):
             out["flux"]["after"] = "ran"
         except ValueError as e:
             out["flux"]["after"] = str(e)
+        try:  # parallelizing it again (any strategy) is refused by name, not a meta-tensor crash
+            cf.parallelize(t, cf.ParallelConfig(strategy="ring"))
+            out["flux"]["again"] = "accepted"
+        except ValueError as e:
+            out["flux"]["again"] = str(e)
 
         # FLUX + binary: finite, boundary bytes = codec theory, every stream state agrees across the pair
         t, make = TINY_TRANSFORMERS["flux"]()
@@ -193,6 +198,7 @@ def test_pipefusion_two_ranks():
         assert f["pipeline"]["stage"] == rank and f["pipeline"]["stages"] == 2 and f["pipeline"]["patches"] == 4
         assert f["tensors"] == (["hidden"] if rank == 0 else ["out"]), f["tensors"]  # boundary / last stage's output
         assert "released the weights" in f["after"], f["after"]
+        assert "on the meta device" in f["again"] and "load the model again" in f["again"], f["again"]
     # every block on exactly one rank; the heavier stage is at most the heaviest block above half
     blocks = res[0]["flux"]["blocks"]
     for name in blocks:

@@ -103,3 +103,23 @@ def test_cli_generate_writes_animated_gif(tmp_path):
     with Image.open(out / "video_0.gif") as gif:
         assert gif.format == "GIF" and gif.size == (16, 16)
         assert gif.is_animated and gif.n_frames > 1, gif.n_frames
+
+
+@pytest.mark.dist
+def test_bench_quality_video_quick_rows_plot_and_headline(tmp_path):
+    """``bench quality --model video --quick``: exact ring at the fp32 wire, binary below 1.5 bits and finite,
+    the Pareto plot written, and make_docs' headline gains the video PSNR column from these rows."""
+    from compactfusion.bench import make_docs
+    from compactfusion.bench.quality_video import main
+    out = tmp_path / "bench" / "quality_video"
+    assert main(["--quick", "--methods", "ring,ring+binary,pipefusion", "--out", str(out)]) == 0
+    rows = {r["method"]: r for r in json.loads((out / "results.json").read_text())}
+    assert set(rows) == {"single-device", "ring", "ring+binary", "pipefusion"}
+    assert rows["ring"]["psnr"] == 100.0 and rows["ring"]["bits_per_element"] == 32.0
+    b = rows["ring+binary"]
+    assert 1.0 < b["bits_per_element"] < 1.5 and 10 < b["psnr"] < 100 and b["compression_ratio"] > 4, b
+    assert rows["pipefusion"]["psnr"] < 100 and rows["pipefusion"]["world_size"] == 2  # stale patches: not exact
+    assert (out / "quality_video_pareto.png").stat().st_size > 1000
+    assert "quality_video_pareto.png" in (out / "results.md").read_text()
+    head = make_docs.headline(tmp_path)
+    assert "PSNR vs 1 device (video)" in head and f"{b['psnr']:.1f} dB" in head, head

@@ -99,3 +99,13 @@ def run_ranks(fn, world: int, *args, timeout: float = 1800.0, threads: int | Non
         for c in conns:
             c.close()
         del store
+
+
+def reloaded_after(pipe, strategy: str, load):
+    """The pipeline to run the next method on: ``pipe``, or a fresh ``load()`` after a pipefusion method (its
+    stages released the other stages' weights, and parallelize refuses a model with released weights)."""
+    if strategy != "pipefusion":
+        return pipe
+    fresh = load()
+    fresh.set_progress_bar_config(disable=True)
+    return fresh

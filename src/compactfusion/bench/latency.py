@@ -34,7 +34,7 @@ from pathlib import Path
 
 from ..cli.args import Parser, UsageError
 from ..comm import link as linkmodel
-from .harness import run_ranks
+from .harness import reloaded_after, run_ranks
 from .quality import ledger_of, parallel_config
 
 STEPS = 20
@@ -161,9 +161,7 @@ def latency_worker(rank, world, plan):
                 choice = _auto_choice(cf.stats(pipe))  # identical on every rank (auto decides collectively)
             finally:
                 cf.unparallelize(pipe)
-                if m["strategy"] == "pipefusion":  # it released the other stages' weights: reload for the next method
-                    pipe = load_digits_pipeline(plan.get("model"))
-                    pipe.set_progress_bar_config(disable=True)
+                pipe = reloaded_after(pipe, m["strategy"], lambda: load_digits_pipeline(plan.get("model")))
             if rank == 0:
                 rows.append({"method": m["name"], "strategy": m["strategy"], "codec": m["codec"], "world_size": world,
                              "bandwidth": bw, "latency": lat, "wall_s": best, **_bytes_fields(per_rank)})

@@ -26,13 +26,14 @@ BENCHES = {
     "codecs": ([], ["--quick"], 600),
     "comm": ([], ["--quick"], 420),
     "quality": ([], ["--quick"], 2400),
+    "quality_video": ([], ["--quick"], 900),
     "latency": (["--shaped"], ["--quick"], 900),
     "soak": (["--generations", "40"], ["--generations", "6"], 420),
     "serve": (["--requests", "8", "--concurrency", "1,4", "--steps", "4"], ["--requests", "4", "--concurrency", "1",
                                                                           "--steps", "2"], 600),
 }
 TITLES = {"project": "Projection to real models", "codecs": "Codecs", "comm": "Communication layer",
-          "quality": "Quality", "latency": "Latency", "soak": "Soak (many generations)",
+          "quality": "Quality", "quality_video": "Quality on the bundled video model", "latency": "Latency", "soak": "Soak (many generations)",
           "serve": "Serve"}
 
 
@@ -77,6 +78,7 @@ def headline(out: Path) -> str:
     from .plots import fmt_bytes, md_table
     lines = []
     q = {r["method"]: r for r in _load(out, "quality")}
+    qv = {r["method"]: r for r in _load(out, "quality_video")}
     lat = [r for r in _load(out, "latency") if r.get("kind") == "measured (sleep)"]
     proj = [r for r in _load(out, "project") if r.get("section") == "bytes"]
     names = [("ring", "Ring attention (exact)"), ("ulysses", "Ulysses (exact)"), ("distrifusion", "DistriFusion (stale K/V)"),
@@ -85,7 +87,7 @@ def headline(out: Path) -> str:
              ("ring+lowrank-int4-bpe:1.1/o2", "compactfusion lowrank-int4-bpe:1.1 + order 2 (~1.1-bit)"),
              ("pipefusion", "PipeFusion (stale patches; 1/W of the weights per rank)"),
              ("pipefusion+int4/o2/int8-warmup", "compactfusion PipeFusion, int4 + order 2 boundaries, int8 first step")]
-    if q or lat or proj:
+    if q or qv or lat or proj:
         w = max((r["world_size"] for r in lat), default=4)
         lw = [r for r in lat if r["world_size"] == w and r["latency"] == "0"]
         ring_rows = [r for r in lw if r["method"] == "ring" and r.get("comm_fraction", 0) >= 0.95]
@@ -95,6 +97,8 @@ def headline(out: Path) -> str:
                 and r.get("warmup", "fp16") in ("fp16", "none")  # full-precision warmup rows (bench project)
                 and r.get("num_patches") in (None, 4) and r.get("pipefusion_text") in (None, "first")}  # defaults
         head = ["method", "PSNR vs 1 device (digits)", "stream bits/element after warmup (digits; K/V, PipeFusion: boundaries)", "bytes/image/rank (digits)"]
+        if qv:
+            head.append("PSNR vs 1 device (video)")
         if slow:
             head.append(f"s/image at {slow['bandwidth']}, W={w} (speed-up vs ring)")
         if lw:
@@ -106,6 +110,9 @@ def headline(out: Path) -> str:
             cells = [label, "-" if not r else (f"{r['psnr']:.1f} dB" if r["psnr"] < 100 else "≥ 100 dB (exact)"),
                      "-" if not r or r.get("bits_per_element") is None else f"{r['bits_per_element']:.2f}",
                      "-" if not r else fmt_bytes(r["bytes_per_image"])]
+            if qv:
+                v = qv.get(key)
+                cells.append("-" if not v else (f"{v['psnr']:.1f} dB" if v["psnr"] < 100 else "≥ 100 dB (exact)"))
             if slow:
                 m = next((x for x in lw if x["method"] == key and x["bandwidth"] == slow["bandwidth"]), None)
                 cells.append("-" if not m else f"{m['wall_s']:.2f} ({m.get('speedup_vs_ring', 1):.1f}x)")
@@ -124,6 +131,11 @@ def headline(out: Path) -> str:
             notes.append(f"Digits: bundled 32x32 Flux-architecture model, W={qr['world_size']} gloo ranks on CPU, fp32 wire, "
                          f"{qr['seeds']} seeds, {qr['steps']} steps, {qr['warmup_steps']} warmup step(s) at full precision; "
                          "PSNR against the single-device image of the same seed (capped at 100 dB).")
+        vr = qv.get("ring") or next(iter(qv.values()), None)
+        if vr:
+            notes.append(f"Video: bundled Wan-architecture moving-digits model (8 frames of 16x16, 512 tokens), "
+                         f"W={vr['world_size']}, {vr['seeds']} videos, {vr['steps']} steps, PSNR over the clip "
+                         "(`bench quality --model video`).")
         if slow:
             notes.append(f"Latency: one image, {slow.get('steps', '?')} steps, link model in sleep mode at "
                          f"{slow['bandwidth']} per rank, where uncompressed ring spends "

@@ -32,7 +32,7 @@ from pathlib import Path
 import numpy as np
 
 from ..cli.args import Parser, UsageError
-from .harness import run_ranks  # the shared spawner (still importable from here, where it used to live)
+from .harness import reloaded_after, run_ranks  # the shared spawner (still importable from here, where it used to live)
 
 #: The codec x variant grid (lowrank:8 left to ``bench codecs``: lowrank-int4:32 has its bytes at far better fidelity).
 CODECS = ("binary", "int2", "int4", "lowrank-int4:32")
@@ -210,9 +210,7 @@ def quality_worker(rank, world, plan):
                     totals[k] = totals.get(k, 0) + v
         finally:
             cf.unparallelize(pipe)
-            if m["strategy"] == "pipefusion":  # it released the other stages' weights: reload for the next method
-                pipe = load_digits_pipeline(plan.get("model"))
-                pipe.set_progress_bar_config(disable=True)
+            pipe = reloaded_after(pipe, m["strategy"], lambda: load_digits_pipeline(plan.get("model")))
         allt = [None] * world
         dist.all_gather_object(allt, (totals, wall))
         if rank == 0:

@@ -17,12 +17,13 @@ from pathlib import Path
 import numpy as np
 
 from ..cli.args import Parser, UsageError
-from .harness import run_ranks
+from .harness import reloaded_after, run_ranks
 from .quality import (BEST_ONE_BIT, GUIDANCE, PSNR_CAP, WARMUP, _batches, bits_per_element, ledger_of, methods,
                       parallel_config, stream_bytes)
 
 #: The default method set (names from bench/quality.py's list); --methods picks others from it.
-DEFAULT_METHODS = ("ring", "ring+binary", "ring+int2", "distrifusion", BEST_ONE_BIT)
+DEFAULT_METHODS = ("ring", "ring+binary", "ring+binary/int8-warmup", "ring+int2", "ring+int4/o2", "distrifusion",
+                   BEST_ONE_BIT, "pipefusion", "pipefusion+int4/o2")
 QUICK_METHODS = ("ring", "ring+binary", BEST_ONE_BIT)
 STEPS = 20
 
@@ -69,6 +70,7 @@ def video_worker(rank, world, plan):
                     totals[k] = totals.get(k, 0) + v
         finally:
             cf.unparallelize(pipe)
+            pipe = reloaded_after(pipe, m["strategy"], lambda: load_video_digits_pipeline(plan.get("model")))
         allt = [None] * world
         dist.all_gather_object(allt, (totals, wall))
         if rank == 0:
@@ -114,7 +116,17 @@ def _select(names: str) -> list[dict]:
     return [known[n] for n in keep]
 
 
-def markdown(rows: list[dict], a, timing: dict, argv: list[str]) -> str:
+def plot(rows: list[dict], out: Path) -> str:
+    """The video Pareto plot (PSNR vs K/V bits per element, log x), the digits bench's plot on the video rows."""
+    from . import plots as P
+    pts = [dict(r, label=r["method"]) for r in rows if r.get("bits_per_element")]
+    return P.pareto(out / "quality_video_pareto.png", pts, "bits_per_element", "psnr", "label",
+                    "attention-stream bits per element after warmup (ledger, log)", "PSNR vs single device (dB)",
+                    "Fidelity vs bits (bundled video model; exact strategies at the fp32 wire = 32 bits)",
+                    group="family")
+
+
+def markdown(rows: list[dict], a, timing: dict, argv: list[str], figure: str | None = None) -> str:
     from ._common import environment_markdown
     from .plots import fmt_bytes, md_table
     body = [[r["method"], r["codec"], f"{r['psnr']:.2f}", f"{r['psnr_min']:.2f}", f"{r['ssim']:.4f}",
@@ -132,6 +144,7 @@ def markdown(rows: list[dict], a, timing: dict, argv: list[str]) -> str:
         "per rank.", "",
         md_table(["method", "codec", "PSNR dB", "min PSNR dB", "SSIM", "frame acc.", "bits/element",
                   "bytes/video/rank", "ratio", "s/video"], body), "",
+        *([f"![Fidelity vs bits on the video model]({Path(figure).name})", ""] if figure else []),
         f"Generation {timing['generation_s']:.0f} s, metrics {timing['metrics_s']:.0f} s.", "",
         "Environment:", "", environment_markdown()])
 
@@ -184,7 +197,9 @@ def main(argv=None) -> int:
     timing = {"generation_s": gen_s, "metrics_s": time.perf_counter() - t1}
     from ._common import write_outputs
     command = argv if any(x.startswith("--model") for x in argv) else ["--model", "video", *argv]
-    write_outputs(Path(a.out), rows, markdown(rows, a, timing, command))
+    Path(a.out).mkdir(parents=True, exist_ok=True)
+    figure = plot(rows, Path(a.out))
+    write_outputs(Path(a.out), rows, markdown(rows, a, timing, command, figure))
     print(f"bench quality --model video: {len(rows)} methods x {n} videos -> {a.out}/results.{{json,csv,md}} "
           f"({gen_s:.0f} s generation)")
     for r in rows:

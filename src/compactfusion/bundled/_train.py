@@ -1,13 +1,16 @@
 """The training loop and command-line parser shared by the bundled models (``train-digits``, ``train-video-digits``).
 
 Recipe: AdamW with a 50-step linear warm-up (none when resuming), betas (0.9, 0.99), grad clip 1.0, EMA of the
-weights (decay min(0.995, (1 + step) / (10 + step))) copied into the model at the end. The model-specific part
+weights (decay min(0.995, (1 + step) / (10 + step))) copied into the model at the end. ``cosine=True`` decays the
+learning rate to zero over ``steps`` (a final low-rate phase: with a tiny model the last few hundred steps at a
+falling rate are worth more than many at a constant one). The model-specific part
 (drawing a batch, the forward pass, the loss) is the caller's ``batch_loss``; it draws everything from the
 seeded generator it is given, so a run is reproducible for a given seed, steps and thread count.
 """
 from __future__ import annotations
 
 import argparse
+import math
 import time
 from typing import Callable
 
@@ -17,7 +20,7 @@ WARMUP_STEPS = 50
 
 
 def fit(pipe, batch_loss: Callable[[torch.Generator], torch.Tensor], *, steps: int, lr: float, seed: int,
-        max_minutes: float, log_every: int, resume: str | None) -> dict:
+        max_minutes: float, log_every: int, resume: str | None, cosine: bool = False) -> dict:
     """Train ``pipe.transformer`` and ``pipe.label_embedder`` in place; returns steps run, loss EMA, seconds."""
     model, embedder = pipe.transformer.train(), pipe.label_embedder.train()
     params = list(model.parameters()) + list(embedder.parameters())
@@ -27,7 +30,8 @@ def fit(pipe, batch_loss: Callable[[torch.Generator], torch.Tensor], *, steps: i
     start, loss_ema, step = time.time(), None, 0
     for step in range(1, steps + 1):
         for g in opt.param_groups:
-            g["lr"] = lr * (1.0 if resume else min(1.0, step / WARMUP_STEPS))
+            g["lr"] = lr * (1.0 if resume else min(1.0, step / WARMUP_STEPS)) * (
+                0.5 * (1 + math.cos(math.pi * (step - 1) / steps)) if cosine else 1.0)
         loss = batch_loss(gen)
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -68,6 +72,7 @@ def parse_train_args(argv, prog: str, description: str, *, steps: int, batch: in
     p.add_argument("--max-minutes", type=float, default=20.0)
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--resume", default=None, help=f"continue from a {what} folder")
+    p.add_argument("--cosine", action="store_true", help="decay the learning rate to zero over --steps")
     a = p.parse_args(argv)
     for name in ("steps", "batch"):
         if getattr(a, name) <= 0:

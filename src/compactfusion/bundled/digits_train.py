@@ -14,7 +14,8 @@ from .digits_data import load_digits_tensors
 
 
 def train(out: str, steps: int = 600, batch: int = 64, lr: float = 5e-4, seed: int = 0, max_minutes: float = 20.0,
-          threads: int | None = None, log_every: int = 50, resume: str | None = None) -> dict:
+          threads: int | None = None, log_every: int = 50, resume: str | None = None,
+          cosine: bool = False) -> dict:
     if threads:
         torch.set_num_threads(threads)
     torch.manual_seed(seed)
@@ -38,8 +39,8 @@ def train(out: str, steps: int = 600, batch: int = 64, lr: float = 5e-4, seed: i
         return torch.nn.functional.mse_loss(pred.float(), eps - x0)
 
     run = fit(pipe, batch_loss, steps=steps, lr=lr, seed=seed, max_minutes=max_minutes, log_every=log_every,
-              resume=resume)
-    meta = {"steps": run["steps"], "resumed_from": resume, "batch": batch, "lr": lr, "seed": seed,
+              resume=resume, cosine=cosine)
+    meta = {"steps": run["steps"], "resumed_from": resume, "batch": batch, "lr": lr, "cosine": cosine, "seed": seed,
             "loss_ema": run["loss_ema"], "train_seconds": run["train_seconds"], "torch": torch.__version__}
     save_digits_pipeline(pipe, out, metadata=meta)
     return meta
@@ -48,5 +49,6 @@ def train(out: str, steps: int = 600, batch: int = 64, lr: float = 5e-4, seed: i
 def main(argv=None) -> int:
     a = parse_train_args(argv, "compactfusion train-digits", __doc__.splitlines()[0], steps=600, batch=64, lr=5e-4,
                          what="digits-pipeline")
-    print(train(a.out, a.steps, a.batch, a.lr, a.seed, a.max_minutes, a.threads, resume=a.resume))
+    print(train(a.out, a.steps, a.batch, a.lr, a.seed, a.max_minutes, a.threads, resume=a.resume,
+                cosine=a.cosine))
     return 0

@@ -17,7 +17,8 @@ from .video_digits_data import load_digit_sprites, moving_clips
 
 
 def train(out: str, steps: int = 1000, batch: int = 32, lr: float = 1e-3, seed: int = 0, max_minutes: float = 20.0,
-          threads: int | None = None, log_every: int = 50, resume: str | None = None) -> dict:
+          threads: int | None = None, log_every: int = 50, resume: str | None = None,
+          cosine: bool = False) -> dict:
     if threads:
         torch.set_num_threads(threads)
     torch.manual_seed(seed)
@@ -37,8 +38,8 @@ def train(out: str, steps: int = 1000, batch: int = 32, lr: float = 1e-3, seed: 
         return torch.nn.functional.mse_loss(pred.float(), eps - x0)
 
     run = fit(pipe, batch_loss, steps=steps, lr=lr, seed=seed, max_minutes=max_minutes, log_every=log_every,
-              resume=resume)
-    meta = {"steps": run["steps"], "resumed_from": resume, "batch": batch, "lr": lr, "seed": seed,
+              resume=resume, cosine=cosine)
+    meta = {"steps": run["steps"], "resumed_from": resume, "batch": batch, "lr": lr, "cosine": cosine, "seed": seed,
             "loss_ema": run["loss_ema"], "threads": torch.get_num_threads(), "train_seconds": run["train_seconds"],
             "torch": torch.__version__}
     save_video_digits_pipeline(pipe, out, metadata=meta)
@@ -48,5 +49,6 @@ def train(out: str, steps: int = 1000, batch: int = 32, lr: float = 1e-3, seed: 
 def main(argv=None) -> int:
     a = parse_train_args(argv, "compactfusion train-video-digits", __doc__.splitlines()[0], steps=1000, batch=32,
                          lr=1e-3, what="video-digits")
-    print(train(a.out, a.steps, a.batch, a.lr, a.seed, a.max_minutes, a.threads, resume=a.resume))
+    print(train(a.out, a.steps, a.batch, a.lr, a.seed, a.max_minutes, a.threads, resume=a.resume,
+                cosine=a.cosine))
     return 0

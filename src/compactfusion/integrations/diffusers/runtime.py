@@ -29,7 +29,7 @@ import torch
 
 from ...parallel.errors import ConfigMismatchError
 from .guards import check_finite, check_ranks_agree, generator_fingerprint, tensor_digest
-from .pipeline import TEXT_PASS
+from .pipeline import TEXT_PASS, ReleasedWeightsError
 from .plans import FamilyPlan, Gather, Split, is_cross_attention, resolve_paths, unwrap_model
 from .router import AttentionRouter, UnroutedAttentionError, UnsupportedAttentionError, backend_of, check_backend
 
@@ -117,6 +117,12 @@ class TransformerRuntime:
     def __init__(self, owner: "ModelRuntime", transformer, plan: FamilyPlan, index: int, name: str):
         self.owner, self.ctx, self.plan, self.index, self.name = owner, owner.ctx, plan, index, name
         self.model = unwrap_model(transformer)
+        released = [n for n, p in self.model.named_parameters() if p.is_meta]
+        if released:  # e.g. left by an earlier pipefusion stage: refuse by name before any hook or agreement
+            raise ReleasedWeightsError(
+                f"{name} ({type(self.model).__name__}) has {len(released)} weight tensor(s) on the meta device "
+                f"(first: {released[0]}), e.g. released by an earlier strategy='pipefusion' run; load the model "
+                f"again before parallelizing it")
         self._undo: list = []
         self._params = _forward_params(self.model)
         self._signature = inspect.signature(type(self.model).forward.__get__(self.model))  # without self
