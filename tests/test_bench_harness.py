@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import ast
+import re
 from pathlib import Path
 
 import pytest
@@ -114,3 +115,48 @@ def test_traffic_formulas_agree_with_their_strategy_semantics():
     for name in P.STRATEGIES:
         one = P.traffic(m, name, "int4", 1)
         assert one["layer_coded"] == [0] and one["layer_raw"] == [0] and one["gather"] == [0], name
+
+
+# -- one method grammar (bench/methods.py) ------------------------------------------------------------
+
+def test_method_names_parse_to_the_fields_the_benches_run():
+    from compactfusion.bench.methods import method
+    assert method("ring") == dict(name="ring", strategy="ring", codec="none", residual_order=None,
+                                  error_feedback=None, family="exact")
+    m = method("pipefusion+int4/o2/int8-warmup")
+    assert (m["strategy"], m["codec"], m["residual_order"], m["error_feedback"], m["warmup_codec"], m["family"]) == \
+        ("pipefusion", "int4", 2, True, "int8", "pipeline+compact")
+    assert method("ring+int2/naive")["residual_order"] == 0 and method("ring+int2/naive")["family"] == "ablation"
+    assert method("ring+binary/noef")["error_feedback"] is False
+    assert method("ring+binary/o2auto")["delta_decay"] == "auto"
+    assert (method("usp(2x2)")["ulysses_degree"], method("usp(2x2)")["ring_degree"]) == (2, 2)
+    assert method("distrifusion+binary")["family"] == "stale+compact"
+    assert method("ring+lowrank-int4-bpe:1.1/o2")["family"] == "compact (~1 bit)"
+
+
+@pytest.mark.parametrize("bad, needle", [("rng+binary", "unknown strategy 'rng'"), ("ring+int3", "codec 'int3'"),
+                                         ("ring/o2", "needs a codec"), ("ring+binary/o3", "unknown variant /o3"),
+                                         ("", "a bench method")])
+def test_bad_method_names_say_what_to_change(bad, needle):
+    from compactfusion.bench.methods import method
+    with pytest.raises(ValueError, match=re.escape(needle)):
+        method(bad)
+
+
+def test_every_default_bench_method_builds_a_library_config_and_new_names_need_no_bench_edit():
+    """Every default of quality, latency and the video bench is a name of the grammar that builds a ParallelConfig;
+    a codec registered tomorrow runs in every bench's --methods without editing it (here: a codec spec and a
+    strategy x variant combination no default list holds)."""
+    from compactfusion.bench import latency, quality, quality_video
+    from compactfusion.bench.methods import method, parallel_config, selected
+    names = [m["name"] for m in quality.methods()] + [m["name"] for m in latency.methods(4)] + \
+        list(quality_video.DEFAULT_METHODS)
+    for n in names:
+        cfg = parallel_config(method(n))
+        assert cfg.strategy == method(n)["strategy"]
+    auto = parallel_config(method("ring+auto"))
+    assert type(auto.compression.plan).__name__ == "AutoPlan"  # the per-layer choice, parallel/auto.py
+    new = selected("pipefusion+topk:8/o2,ring+int8/int4-warmup,diffusers-ring", quality.methods())
+    assert [m["name"] for m in new] == ["pipefusion+topk:8/o2", "ring+int8/int4-warmup"]  # peers: the bench's switch
+    assert parallel_config(new[1]).compression.warmup_codec == "int4"
+    assert selected(None, quality.methods()) == quality.methods()

@@ -35,7 +35,8 @@ from pathlib import Path
 from ..cli.args import Parser, UsageError
 from ..comm import link as linkmodel
 from .harness import reloaded_after, run_ranks
-from .quality import ledger_of, parallel_config
+from .methods import methods_of, parallel_config, selected
+from .quality import ledger_of
 
 STEPS = 20
 BANDWIDTHS = ("10MB/s", "100MB/s", "inf")  # the virtual extension fills in the rest
@@ -47,45 +48,21 @@ SLOW_METHODS = ("ring", "ring+binary", "ring+auto", "diffusers-ring", "pipefusio
 SHAPED_METHODS = ("ring", "ring+binary")
 
 
+#: Every method the latency bench can sweep (bench/methods.py names). PipeFusion (issue 12): M = W patches; int4
+#: order 2 on the boundaries, int8 for the synchronous first step (the best fidelity per byte in bench quality).
+METHODS = ("patch", "ring", "ulysses", "distrifusion", "ring+binary", "ring+int2", "ring+lowrank-int4:32",
+           "distrifusion+binary", "ring+auto", "pipefusion", "pipefusion+int4/o2/int8-warmup")
+QUICK_METHODS = ("patch", "ring", "ring+binary")
+
+
 def methods(world: int, quick: bool = False) -> list[dict]:
-    ms = [dict(name="patch", strategy="patch", codec="none"),
-          dict(name="ring", strategy="ring", codec="none"),
-          dict(name="ulysses", strategy="ulysses", codec="none"),
-          dict(name="distrifusion", strategy="distrifusion", codec="none"),
-          dict(name="ring+binary", strategy="ring", codec="binary"),
-          dict(name="ring+int2", strategy="ring", codec="int2"),
-          dict(name="ring+lowrank-int4:32", strategy="ring", codec="lowrank-int4:32"),
-          dict(name="distrifusion+binary", strategy="distrifusion", codec="binary"),
-          dict(name="ring+auto", strategy="ring", codec="auto"),
-          # PipeFusion (issue 12): M = W patches; int4 order 2 on the boundaries, int8 for the synchronous first step
-          # (the best fidelity per byte in bench quality)
-          dict(name="pipefusion", strategy="pipefusion", codec="none"),
-          dict(name="pipefusion+int4/o2/int8-warmup", strategy="pipefusion", codec="int4", residual_order=2,
-               warmup_codec="int8")]
-    if world == 4:
-        ms.append(dict(name="usp(2x2)", strategy="usp", codec="none", ulysses_degree=2, ring_degree=2))
-    if quick:
-        ms = [m for m in ms if m["name"] in ("patch", "ring", "ring+binary")]
-    for m in ms:
-        m.setdefault("residual_order", 1)
-        m.setdefault("error_feedback", True)
-    return ms
+    names = QUICK_METHODS if quick else METHODS + (("usp(2x2)",) if world == 4 else ())
+    return methods_of(names)
 
 
 def _link(bw: str, lat: str, mode: str = "sleep"):
     from ..comm import LinkModel
     return LinkModel(bandwidth=bw, latency=lat, mode=mode)
-
-
-def _config(m: dict, link, warmup: int):
-    """``parallel_config`` plus ``codec="auto"`` (per-layer choice, parallel/auto.py) with the same coder fields."""
-    if m["codec"] != "auto":
-        return parallel_config(m, link, warmup)
-    from ..parallel import ParallelConfig
-    from ..parallel.auto import auto_compression
-    comp = auto_compression(residual_order=m["residual_order"], error_feedback=m["error_feedback"],
-                            warmup_steps=warmup)
-    return ParallelConfig(strategy=m["strategy"], compression=comp, link=link, timeout_s=120.0)
 
 
 def _auto_choice(stats: dict) -> dict | None:
@@ -135,7 +112,7 @@ def latency_worker(rank, world, plan):
         for m in plan["methods"]:
             if subset is not None and m["name"] not in subset:
                 continue
-            cfg = _config(m, _link(bw, lat), plan["warmup"])
+            cfg = parallel_config(m, _link(bw, lat), plan["warmup"])
             cf.parallelize(pipe, cfg)
             pipe.set_progress_bar_config(disable=True)
             try:
@@ -385,7 +362,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=STEPS)
     p.add_argument("--warmup-steps", type=int, default=1)
     p.add_argument("--reps", type=int, default=2, help="repetitions (best of) on the unlimited link")
-    p.add_argument("--methods", default=None, help="comma list of method names to keep")
+    p.add_argument("--methods", default=None, help="comma list of method names (bench/methods.py grammar) to run "
+                   "instead of the default set")
     p.add_argument("--model", default=None)
     p.add_argument("--no-peers", action="store_true")
     p.add_argument("--shaped", action="store_true", help="also validate against tc-shaped veth links")
@@ -423,10 +401,7 @@ def run(a) -> tuple[list[dict], str, list[str]]:
     rows: list[dict] = []
     timing = {}
     for w in worlds:
-        ms = methods(w, a.quick)
-        if a.methods:
-            keep = {x.strip() for x in a.methods.split(",")}
-            ms = [m for m in ms if m["name"] in keep]
+        ms = selected(a.methods, methods(w, a.quick))  # any bench/methods.py name, not only the defaults
         wl = links if w == max(worlds) else [lk for lk in links if lk not in big_only]
         plan = dict(links=wl, methods=ms, steps=a.steps, warmup=a.warmup_steps, reps=a.reps, model=a.model,
                     peers=not a.no_peers)

@@ -47,7 +47,8 @@ def _timed(pipe, steps: int, world: int):
 def overhead_worker(rank, world, plan):
     import compactfusion as cf
     from ..bundled.digits import load_digits_pipeline
-    from .latency import _auto_choice, _bytes_fields, _config, _link, methods
+    from .latency import _auto_choice, _bytes_fields, _link, methods
+    from .methods import parallel_config
 
     steps, rows = plan["steps"], []
     for bw, names, rounds in plan["links"]:
@@ -56,7 +57,7 @@ def overhead_worker(rank, world, plan):
         try:
             for m in ms:  # every rank builds the contexts in the same order (group creation is collective)
                 pipe = load_digits_pipeline(plan.get("model"))
-                cf.parallelize(pipe, _config(m, _link(bw, "0"), plan["warmup"]))
+                cf.parallelize(pipe, parallel_config(m, _link(bw, "0"), plan["warmup"]))
                 pipe.set_progress_bar_config(disable=True)
                 pipes[m["name"]] = pipe
             first = {}

@@ -32,6 +32,7 @@ from pathlib import Path
 import numpy as np
 
 from ..cli.args import Parser, UsageError
+from .methods import methods_of, parallel_config, selected  # noqa: F401 - parallel_config re-exported for the benches
 from .harness import reloaded_after, run_ranks  # the shared spawner (still importable from here, where it used to live)
 
 #: The codec x variant grid (lowrank:8 left to ``bench codecs``: lowrank-int4:32 has its bytes at far better fidelity).
@@ -43,77 +44,26 @@ PSNR_CAP = 100.0  # dB; identical images and float-rounding-level differences (~
 
 
 # -- methods -----------------------------------------------------------------------------------------
-#: Methods beyond the codec x variant grid: compressed warmup and the ~1-bit candidates of issue 13.
-#: Optional keys: warmup_codec (lossy warmup with error feedback from step 0), delta_decay (order 2),
-#: quick (also run by --quick).
-#: The best method measured at <= 1.1 bits per element (issue 13; docs/benchmarks.md "~1-bit coding").
+#: Methods are names in the one grammar of bench/methods.py ("strategy+codec/variant"): the codec x variant grid,
+#: then these. The best method measured at <= 1.1 bits per element (issue 13; docs/benchmarks.md "~1-bit coding").
 BEST_ONE_BIT = "ring+lowrank-int4-bpe:1.1/o2"
-EXTRA_METHODS = (
-    dict(name=BEST_ONE_BIT, strategy="ring", codec="lowrank-int4-bpe:1.1", residual_order=2, error_feedback=True,
-         family="compact (~1 bit)", quick=True),
-    dict(name=BEST_ONE_BIT + "/int8-warmup", strategy="ring", codec="lowrank-int4-bpe:1.1", residual_order=2,
-         error_feedback=True, family="compact (~1 bit)", warmup_codec="int8"),
-    dict(name="ring+lowrank-int4-bpe:0.5/o2", strategy="ring", codec="lowrank-int4-bpe:0.5", residual_order=2,
-         error_feedback=True, family="compact"),
-    dict(name="ring+lowrank-int4-bpe:2.0/o2", strategy="ring", codec="lowrank-int4-bpe:2.0", residual_order=2,
-         error_feedback=True, family="compact"),
-    dict(name="ring+binary/fp16-warmup", strategy="ring", codec="binary", residual_order=1, error_feedback=True,
-         family="compact", warmup_codec="fp16"),
-    dict(name="ring+binary/int8-warmup", strategy="ring", codec="binary", residual_order=1, error_feedback=True,
-         family="compact", warmup_codec="int8", quick=True),
-    dict(name="ring+binary/int4-warmup", strategy="ring", codec="binary", residual_order=1, error_feedback=True,
-         family="compact", warmup_codec="int4"),
-    dict(name="ring+binary/o2auto", strategy="ring", codec="binary", residual_order=2, error_feedback=True,
-         family="compact", delta_decay="auto"),
-)
-#: PipeFusion (issue 12): stage-boundary activations as residual streams; uncompressed PipeFusion is itself
-#: stale (one-step-old K/V of the other patches), so its compressed rows compare with it and with DistriFusion.
-PIPEFUSION_METHODS = tuple(
-    dict(name="pipefusion" + ("" if c == "none" else f"+{c}") + ("/o2" if order == 2 else ""), strategy="pipefusion",
-         codec=c, residual_order=None if c == "none" else order, error_feedback=None if c == "none" else True,
-         family="pipeline (stale)" if c == "none" else "pipeline+compact", quick=c == "none" or order == 2)
-    for c, order in (("none", None), ("int8", 1), ("int4", 2), ("binary", 1))) + (
-    # the synchronous first step crosses the W - 1 boundaries one after another: int8 there shortens it 4x
-    dict(name="pipefusion+int4/o2/int8-warmup", strategy="pipefusion", codec="int4", residual_order=2,
-         error_feedback=True, warmup_codec="int8", family="pipeline+compact"),)
+#: Beyond the grid: compressed warmup and the ~1-bit candidates (issue 13); PipeFusion (issue 12): stage-boundary
+#: activations as residual streams (uncompressed PipeFusion is itself stale: one-step-old K/V of the other patches,
+#: so its compressed rows compare with it and with DistriFusion). The synchronous first step crosses the W - 1
+#: boundaries one after another: int8 there shortens it 4x.
+EXTRA_METHODS = (BEST_ONE_BIT, BEST_ONE_BIT + "/int8-warmup", "ring+lowrank-int4-bpe:0.5/o2", "ring+lowrank-int4-bpe:2.0/o2",
+                 "ring+binary/fp16-warmup", "ring+binary/int8-warmup", "ring+binary/int4-warmup", "ring+binary/o2auto",
+                 "pipefusion", "pipefusion+int8", "pipefusion+int4/o2", "pipefusion+binary",
+                 "pipefusion+int4/o2/int8-warmup", "distrifusion+binary", "patch+int2")
+#: What ``--quick`` runs of them (it must include the best ~1-bit method).
+QUICK_EXTRA = (BEST_ONE_BIT, "ring+binary/int8-warmup", "pipefusion", "pipefusion+int4/o2")
+VARIANTS = ("", "/noef", "/o2", "/naive")  # error feedback (the method), its ablations, order 2
 
 
 def methods(codecs=CODECS, quick: bool = False) -> list[dict]:
-    """Every configuration the quality bench runs (name, strategy, codec, residual_order, error_feedback)."""
-    out = [dict(name="patch", strategy="patch", codec="none", residual_order=None, error_feedback=None, family="exact"),
-           dict(name="ring", strategy="ring", codec="none", residual_order=None, error_feedback=None, family="exact"),
-           dict(name="ulysses", strategy="ulysses", codec="none", residual_order=None, error_feedback=None, family="exact"),
-           dict(name="distrifusion", strategy="distrifusion", codec="none", residual_order=None, error_feedback=None,
-                family="stale")]
-    variants = [("ef", 1, True, "compact"), ("noef", 1, False, "ablation"), ("o2", 2, True, "compact"),
-                ("naive", 0, False, "ablation")]
-    for c in codecs:
-        for tag, order, ef, fam in variants:
-            if quick and tag == "o2":
-                continue
-            out.append(dict(name=f"ring+{c}" + ("" if tag == "ef" else f"/{tag}"), strategy="ring", codec=c,
-                            residual_order=order, error_feedback=ef, family=fam))
-    for m in EXTRA_METHODS + PIPEFUSION_METHODS:
-        if not quick or m.get("quick"):
-            out.append({k: v for k, v in m.items() if k != "quick"})
-    if not quick:
-        out.append(dict(name="distrifusion+binary", strategy="distrifusion", codec="binary", residual_order=1,
-                        error_feedback=True, family="stale+compact"))
-        out.append(dict(name="patch+int2", strategy="patch", codec="int2", residual_order=1, error_feedback=True,
-                        family="compact"))
-    return out
-
-
-def parallel_config(m: dict, link=None, warmup: int = WARMUP, timeout_s: float = 120.0):
-    from ..parallel import ParallelConfig
-    from ..residual import CompressionConfig
-    comp = None
-    if m["codec"] != "none":
-        comp = CompressionConfig(codec=m["codec"], residual_order=m["residual_order"],
-                                 error_feedback=m["error_feedback"], warmup_steps=warmup,
-                                 warmup_codec=m.get("warmup_codec"), delta_decay=m.get("delta_decay", 0.5))
-    return ParallelConfig(strategy=m["strategy"], compression=comp, link=link, timeout_s=timeout_s,
-                          ulysses_degree=m.get("ulysses_degree"), ring_degree=m.get("ring_degree"))
+    """Every configuration the quality bench runs (bench/methods.py fields), in order."""
+    grid = [f"ring+{c}{v}" for c in codecs for v in VARIANTS if not (quick and v == "/o2")]
+    return methods_of(["patch", "ring", "ulysses", "distrifusion", *grid, *(QUICK_EXTRA if quick else EXTRA_METHODS)])
 
 
 #: Ledger tensors that carry the coded streams: attention K/V (Ulysses q/k/v/o) and PipeFusion's stage-boundary
@@ -452,7 +402,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lowrank-batch", type=int, default=None, help="seeds per call for the low-rank codecs only "
                    "(e.g. 1: their rank is then per image, not shared by the batch)")
     p.add_argument("--codecs", default=",".join(CODECS))
-    p.add_argument("--methods", default=None, help="comma list of method names to keep (default: all)")
+    p.add_argument("--methods", default=None, help="comma list of method names (bench/methods.py grammar, e.g. "
+                   "ring+int2/o2,pipefusion+binary/int8-warmup) to run instead of the default set")
     p.add_argument("--model", default=None, help="digits (default: the bundled model), video (the bundled video "
                    "model: bench/quality_video.py, its own flags) or a digits pipeline folder")
     p.add_argument("--quick", action="store_true", help="4 seeds, 8 steps, W=2, no order-2 / extra variants")
@@ -467,13 +418,7 @@ def run(a) -> tuple[list[dict], str, list[str], dict]:
     from ..codecs import get_codec
     for c in codecs:
         get_codec(c)
-    ms = methods(codecs, a.quick)
-    if a.methods:
-        keep = {x.strip() for x in a.methods.split(",")}
-        unknown = keep - {m["name"] for m in ms}
-        if unknown:
-            raise UsageError(f"--methods: unknown {', '.join(sorted(unknown))}; known: {', '.join(m['name'] for m in ms)}")
-        ms = [m for m in ms if m["name"] in keep]
+    ms = selected(a.methods, methods(codecs, a.quick))  # any bench/methods.py name, not only the defaults
     seeds = list(range(a.seeds))
     plan = dict(seeds=seeds, steps=a.steps, warmup=a.warmup_steps, batch=a.batch, methods=ms, model=a.model,
                 peers=not a.no_peers, lowrank_batch=a.lowrank_batch)

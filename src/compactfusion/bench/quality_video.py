@@ -18,8 +18,8 @@ import numpy as np
 
 from ..cli.args import Parser, UsageError
 from .harness import reloaded_after, run_ranks
-from .quality import (BEST_ONE_BIT, GUIDANCE, PSNR_CAP, WARMUP, _batches, bits_per_element, ledger_of, methods,
-                      parallel_config, stream_bytes)
+from .methods import methods_of, parallel_config
+from .quality import BEST_ONE_BIT, GUIDANCE, PSNR_CAP, WARMUP, _batches, bits_per_element, ledger_of, stream_bytes
 
 #: The default method set (names from bench/quality.py's list); --methods picks others from it.
 DEFAULT_METHODS = ("ring", "ring+binary", "ring+binary/int8-warmup", "ring+int2", "ring+int4/o2", "distrifusion",
@@ -101,19 +101,10 @@ def build_parser() -> Parser:
     p.add_argument("--warmup-steps", type=int, default=WARMUP)
     p.add_argument("--batch", type=int, default=8, help="seeds per pipeline call")
     p.add_argument("--methods", default=",".join(DEFAULT_METHODS),
-                   help="comma list of bench-quality method names (default: %(default)s)")
+                   help="comma list of method names (bench/methods.py grammar; default: %(default)s)")
     p.add_argument("--quick", action="store_true", help="2 seeds, 8 steps, W=2, three methods")
     p.add_argument("--timeout", type=float, default=1800.0)
     return p
-
-
-def _select(names: str) -> list[dict]:
-    known = {m["name"]: m for m in methods()}
-    keep = [x.strip() for x in names.split(",") if x.strip()]
-    unknown = [n for n in keep if n not in known]
-    if unknown or not keep:
-        raise UsageError(f"--methods: unknown {', '.join(unknown) or '(empty)'}; known: {', '.join(known)}")
-    return [known[n] for n in keep]
 
 
 def plot(rows: list[dict], out: Path) -> str:
@@ -168,7 +159,7 @@ def main(argv=None) -> int:
         from ..bundled.video_digits import is_video_digits_folder
         if not is_video_digits_folder(model):
             raise UsageError(f"--model {model!r} is neither 'video' nor a video-digits folder")
-    ms = _select(a.methods)
+    ms = methods_of(a.methods)  # any bench/methods.py name
     seeds = list(range(a.seeds))
     plan = dict(seeds=seeds, steps=a.steps, warmup=a.warmup_steps, batch=a.batch, methods=ms, model=model)
     t0 = time.perf_counter()
