@@ -160,3 +160,10 @@ def test_every_default_bench_method_builds_a_library_config_and_new_names_need_n
     assert [m["name"] for m in new] == ["pipefusion+topk:8/o2", "ring+int8/int4-warmup"]  # peers: the bench's switch
     assert parallel_config(new[1]).compression.warmup_codec == "int4"
     assert selected(None, quality.methods()) == quality.methods()
+
+
+def test_bench_codecs_covers_every_registry_codec_family():
+    from compactfusion.bench.codecs import CODECS
+    from compactfusion.codecs.registry import CODEC_SPECS, parse_codec_spec
+    benched = {parse_codec_spec(c)[0] for c in CODECS}
+    assert {parse_codec_spec(c)[0] for c in CODEC_SPECS} <= benched

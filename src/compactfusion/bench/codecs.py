@@ -23,11 +23,15 @@ from pathlib import Path
 import torch
 
 from ..codecs import CodecState, fused, get_codec
+from ..codecs.registry import CODEC_SPECS
 from ..codecs.lowrank import LowRankCodec
 from ._common import environment_markdown, environment_record, json_safe, markdown_table, write_outputs
 
-CODECS = ("fp16", "bf16", "raw:float32", "int8", "int4", "int2", "binary",
-          "topk:8", "topk:16", "lowrank:8", "lowrank:16", "lowrank-int4:32")
+#: Every family the codec registry lists (CODEC_SPECS: a codec added there is benched without editing this file),
+#: plus a second parameter for the parametrised families.
+CODECS = tuple(dict.fromkeys(["fp16", "bf16", "raw:float32", "int8", "int4", "int2", "binary", "topk:8", "topk:16",
+                              "lowrank:8", "lowrank:16", "lowrank-int4:32"]
+                             + [c for c in CODEC_SPECS if c != "fp32"]))  # fp32 = raw:float32
 SHAPES = ((4096, 3072), (1088, 3072), (64, 128))
 QUICK_SHAPES = ((512, 384), (136, 384))
 #: Codecs that have a fused implementation next to the PyTorch reference.
