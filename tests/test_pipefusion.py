@@ -177,6 +177,27 @@ def _w2_worker(rank, world):
             out["auto"][bw] = {k: v["codec"] for k, v in cf.stats(t)["auto"].items()}
             cf.unparallelize(t)
 
+        # several requests in one pipeline call (serving): each request's boundary streams and K/V buffers are its
+        # own, so its image equals the one it gets alone; coded together (one stream set) it would not
+        from compactfusion.testing.tiny import TINY, tiny_call_kwargs
+        pipe = TINY["flux"]()
+        cf.parallelize(pipe, cf.ParallelConfig(strategy="pipefusion", num_patches=3, compression="int4"))
+
+        def images(seeds):
+            k = tiny_call_kwargs("flux", 36, 38, steps=4)
+            k.update(prompt=["a photo of a red cat"] * len(seeds), generator=[torch.Generator().manual_seed(s)
+                                                                              for s in seeds])
+            return pipe(**k).images
+        alone = [images([s])[0] for s in (0, 1)]
+        cf.set_request_batches(pipe, [1, 1])
+        both = images([0, 1])
+        cf.set_request_batches(pipe, None)
+        together = images([0, 1])
+        out["requests"] = dict(batched=max(float(np.abs(both[i] - alone[i]).max()) for i in range(2)),
+                               together=max(float(np.abs(together[i] - alone[i]).max()) for i in range(2)),
+                               branches=cf.stats(pipe)["branches"])
+        cf.unparallelize(pipe)
+
         # a family without pipeline stages: refused by name at parallelize
         t, make = TINY_TRANSFORMERS["pixart"]()
         try:
@@ -199,6 +220,8 @@ def test_pipefusion_two_ranks():
         assert f["tensors"] == (["hidden"] if rank == 0 else ["out"]), f["tensors"]  # boundary / last stage's output
         assert "released the weights" in f["after"], f["after"]
         assert "on the meta device" in f["again"] and "load the model again" in f["again"], f["again"]
+        q = r["requests"]
+        assert q["batched"] <= 1e-4 and q["together"] > 10 * max(q["batched"], 1e-6), q  # per-request streams matter
     # every block on exactly one rank; the heavier stage is at most the heaviest block above half
     blocks = res[0]["flux"]["blocks"]
     for name in blocks:

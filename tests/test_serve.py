@@ -243,23 +243,29 @@ def _engine_batches(rank, world):
     import torch
     from compactfusion.cli.serve import build_parser
     from compactfusion.serve.engine import Engine
-    a = build_parser().parse_args(["--codec", "binary"])
-    engine = Engine(a, world, torch.device("cpu"), torch.float32)
-    jobs = [dict(prompt=p, n=n, width=32, height=32, steps=3, seed=s, guidance_scale=None, negative_prompt=None)
-            for p, n, s in (("1", 1, 11), ("8", 2, 12), ("4", 1, 13))]
     out = {}
-    for codec in ("binary", "none"):
-        js = [dict(j, codec=codec) for j in jobs]
-        batched, stats_b = engine.run(js)
-        alone = [engine.run([j])[0][0] for j in js]
-        out[codec] = (max(float(abs(b - x).max()) for b, x in zip(batched, alone)), stats_b["bytes_sent"],
-                      [x.shape[0] for x in batched])
+    # ring (binary, none) and pipefusion (int4 boundaries over stale steps, none): one group for both
+    for flags, codecs, steps in ((["--codec", "binary"], ("binary", "none"), 3),
+                                 (["--strategy", "pipefusion", "--codec", "int4"], ("int4", "none"), 4)):
+        engine = Engine(build_parser().parse_args(flags), world, torch.device("cpu"), torch.float32)
+        jobs = [dict(prompt=p, n=n, width=32, height=32, steps=steps, seed=s, guidance_scale=None, negative_prompt=None)
+                for p, n, s in (("1", 1, 11), ("8", 2, 12), ("4", 1, 13))]
+        for codec in codecs:
+            js = [dict(j, codec=codec) for j in jobs]
+            batched, stats_b = engine.run(js)
+            alone = [engine.run([j])[0][0] for j in js]
+            out[f"{flags[1]}:{codec}"] = (max(float(abs(b - x).max()) for b, x in zip(batched, alone)),
+                                          stats_b["bytes_sent"], [x.shape[0] for x in batched])
     return out
 
 
 def test_engine_batched_equals_unbatched_within_1e4():
     from distributed import run_distributed
     res = run_distributed(_engine_batches, 2, timeout=300)[0]
+    assert len(res) == 4, list(res)
     for codec, (diff, sent, sizes) in res.items():
         assert sizes == [1, 2, 1] and sent > 0
-        assert diff <= 1e-4, (codec, diff)
+        # pipefusion + int4: each request has its own boundary streams (test_pipefusion checks <= 1e-4 on tiny
+        # FLUX), but the digits model's matmuls round differently at batch 4 and 8, and int4 bins of 4 steps of
+        # stale patches amplify that ~1e-6 to a few 1e-3 (coded together instead: ~0.1)
+        assert diff <= (0.03 if codec == "pipefusion:int4" else 1e-4), (codec, diff)

@@ -60,9 +60,6 @@ def check_args(a, world: int) -> None:
     for name in ("max_queue", "max_batch", "max_n", "max_steps", "max_size", "default_steps"):
         if getattr(a, name) < 1:
             raise UsageError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(a, name)}")
-    if a.strategy == "pipefusion" and a.max_batch > 1:
-        raise UsageError("--max-batch > 1 is not supported with --strategy pipefusion yet (its boundary streams are "
-                         "not split per request); use --max-batch 1")
     if a.default_steps > a.max_steps:
         raise UsageError(f"--default-steps ({a.default_steps}) must not exceed --max-steps ({a.max_steps})")
     if not 0 <= a.port < 65536:

@@ -182,6 +182,13 @@ class ParallelContext:
         self.branch = branch
         self.coder, self.strategy = pair
 
+    def finish_sends(self) -> None:
+        """Wait for every branch's in-flight pipefusion boundary sends of this step (timeout-bounded)."""
+        for _, strategy in self._branches.values():
+            finish = getattr(strategy, "finish_step", None)
+            if finish is not None:
+                finish()
+
     @property
     def branches(self) -> list:
         """The branches seen since the last reset (the default branch first)."""

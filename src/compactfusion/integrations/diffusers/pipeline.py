@@ -174,13 +174,11 @@ class StageRuntime:
             if not found:
                 raise ValueError(f"pipefusion plan {self.rt.plan.name!r}: block {type(mod).__name__} got none of the "
                                  f"carried inputs {list(carry)}")
-            self.ctx.use_branch(call.ns)
             slot = self.ctx.patch
             self._record(boundary, found, slot)
-            if kind == "send":
-                self.ctx.strategy.send(boundary, found, slot, call.stream_step, self.joint_names)
+            got = self._transfer(kind, boundary, found, slot, call)
+            if got is None:
                 return None
-            got = self.ctx.strategy.recv(boundary, found, slot, call.stream_step, self.joint_names)
             for name, v in got.items():
                 pos = params.index(name) if name in params else None
                 if name in kwargs or pos is None or pos >= len(args):
@@ -189,6 +187,30 @@ class StageRuntime:
                     args[pos] = v
             return tuple(args), kwargs
         return hook
+
+    def _transfer(self, kind: str, boundary: int, found: dict, slot, call) -> dict | None:
+        """Send (None) or receive this pass's carried tensors. A batch of several requests
+        (``set_request_batches``) travels as one set of boundary streams per request, on the request's own
+        branch (the branch its attention's K/V buffers live on), so a request's bytes and reconstruction never
+        depend on the requests batched with it."""
+        batch = next(iter(found.values())).shape[0]
+        index = self.rt.request_index(batch, next(iter(found.values())).device)
+        if index is None:
+            self.ctx.use_branch(call.ns)
+            if kind == "send":
+                return self.ctx.strategy.send(boundary, found, slot, call.stream_step, self.joint_names)
+            return self.ctx.strategy.recv(boundary, found, slot, call.stream_step, self.joint_names)
+        out = {n: torch.empty_like(x) for n, x in found.items()} if kind == "recv" else None
+        for r, rows in enumerate(index):  # the same request order on both sides of the pair link
+            self.ctx.use_branch((call.ns, "request", r))
+            part = {n: x[rows] for n, x in found.items()}
+            if kind == "send":
+                self.ctx.strategy.send(boundary, part, slot, call.stream_step, self.joint_names)
+            else:
+                for n, x in self.ctx.strategy.recv(boundary, part, slot, call.stream_step, self.joint_names).items():
+                    out[n][rows] = x
+        self.ctx.use_branch(call.ns)
+        return out
 
     def _record(self, boundary: int, found: dict, slot) -> None:
         if boundary in self.shapes or slot is None:
@@ -241,7 +263,7 @@ class StageRuntime:
 
     def output(self, out, step: int):
         """Send the last stage's output of this step to every stage (replaces the tensor in ``out``)."""
-        self.ctx.strategy.finish_step()
+        self.ctx.finish_sends()  # every branch's: a batch of requests sent on one branch per request
 
         def bc(t):
             return self.ctx.strategy.broadcast_output(t, step)

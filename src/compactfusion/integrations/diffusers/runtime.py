@@ -371,6 +371,22 @@ class TransformerRuntime:
             f"{sorted(sums - {0})}" + (f" plus {n} replicated tokens" if plan.joint else "") +
             f"; the plan {plan.name!r} does not split every token this attention sees")
 
+    def request_index(self, batch: int, device) -> list | None:
+        """Batch rows of each request of a batched call (``set_request_batches``), or None when unbatched.
+
+        The pipeline may repeat the images per call (e.g. CFG's unconditional half first): request ``r``
+        owns rows ``j * n + offset_r + i`` of every repeat ``j``."""
+        sizes = self.owner.request_rows
+        if not sizes or len(sizes) == 1:
+            return None
+        n = sum(sizes)
+        if batch % n:
+            raise ValueError(f"request batches {list(sizes)} ({n} images) do not divide the transformer batch "
+                             f"{batch}; pass set_request_batches sizes that add up to the images per call")
+        offsets = [sum(sizes[:i]) for i in range(len(sizes))]
+        return [torch.tensor([j * n + off + i for j in range(batch // n) for i in range(size)], device=device)
+                for off, size in zip(offsets, sizes)]
+
     def route(self, q, k, v, layer: int, joint=None):
         """Parallel attention of one routed SDPA call (B, S_local, H, D), per request when batched.
 
@@ -381,16 +397,9 @@ class TransformerRuntime:
         jkw = {} if joint is None else dict(joint_q=joint[0], joint_k=joint[1], joint_v=joint[2])
         if not sizes or len(sizes) == 1:
             return self.ctx.attention(q, k, v, layer=layer, step=call.stream_step, branch=call.ns, **jkw)
-        n = sum(sizes)
-        if q.shape[0] % n:
-            raise ValueError(f"request batches {list(sizes)} ({n} images) do not divide the transformer batch "
-                             f"{q.shape[0]}; pass set_request_batches sizes that add up to the images per call")
         out = torch.empty_like(q)
         jout = None if joint is None else torch.empty_like(joint[0])
-        offsets = [sum(sizes[:i]) for i in range(len(sizes))]
-        for r, (off, size) in enumerate(zip(offsets, sizes)):
-            rows = torch.tensor([j * n + off + i for j in range(q.shape[0] // n) for i in range(size)],
-                                device=q.device)
+        for r, rows in enumerate(self.request_index(q.shape[0], q.device)):
             kw = {} if joint is None else dict(joint_q=joint[0][rows], joint_k=joint[1][rows], joint_v=joint[2][rows])
             res = self.ctx.attention(q[rows], k[rows], v[rows], layer=layer, step=call.stream_step,
                                      branch=(call.ns, "request", r), **kw)
@@ -481,10 +490,6 @@ class TransformerRuntime:
     def _pipeline_step(self, original, bound, first: _Call):
         """pipefusion: one denoising step's passes (one per patch; one whole pass while synchronous)."""
         ctx = self.ctx
-        rows = self.owner.request_rows
-        if rows and len(rows) > 1:
-            raise ValueError("strategy 'pipefusion' does not batch several requests per call yet (their boundary "
-                             "streams would be coded together); run one request per call")
         sync = first.stream_step < ctx.config.stale_warmup_steps
         m = 1 if sync else ctx.num_patches
         if not sync and not self.pipe.decided:  # codec="auto" decides each boundary once its shapes are known
