@@ -200,6 +200,11 @@ class StageRuntime:
             if kind == "send":
                 return self.ctx.strategy.send(boundary, found, slot, call.stream_step, self.joint_names)
             return self.ctx.strategy.recv(boundary, found, slot, call.stream_step, self.joint_names)
+        odd = [n for n, x in found.items() if x.shape[0] != batch]
+        if odd:
+            raise ValueError(f"pipefusion plan {self.rt.plan.name!r}: carried input(s) {odd} have no batch dimension "
+                             f"of {batch}, so a batch of requests cannot be split at the boundary; run one request "
+                             f"per call")
         out = {n: torch.empty_like(x) for n, x in found.items()} if kind == "recv" else None
         for r, rows in enumerate(index):  # the same request order on both sides of the pair link
             self.ctx.use_branch((call.ns, "request", r))
