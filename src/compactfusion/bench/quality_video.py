@@ -19,7 +19,8 @@ import numpy as np
 from ..cli.args import Parser, UsageError
 from .harness import reloaded_after, run_ranks
 from .methods import methods_of, parallel_config
-from .quality import BEST_ONE_BIT, GUIDANCE, PSNR_CAP, WARMUP, _batches, bits_per_element, ledger_of, stream_bytes
+from ..bundled.video_digits import GUIDANCE
+from .quality import BEST_ONE_BIT, PSNR_CAP, WARMUP, _batches, bits_per_element, ledger_of, stream_bytes
 
 #: The default method set (names from bench/quality.py's list); --methods picks others from it.
 DEFAULT_METHODS = ("ring", "ring+binary", "ring+binary/int8-warmup", "ring+int2", "ring+int4/o2", "distrifusion",

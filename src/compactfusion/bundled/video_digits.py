@@ -28,6 +28,9 @@ NUM_FRAMES = 8
 FRAME_SIZE = 16
 PATCH = 2  # spatial patch of the (1, 2, 2) Wan patch embedding: height and width must be multiples of it
 TEXT_DIM = 64
+#: The sampler's default guidance: per-frame digit accuracy of the bundled asset (20 steps, 5 x 10 videos) is
+#: 86 % at 2.5 and 92 % at 4.0 (the tiny model's frames drift towards other digits under weak guidance).
+GUIDANCE = 4.0
 
 
 def transformer_config() -> dict:
@@ -77,7 +80,7 @@ class VideoDigitsPipeline(GuidedPipelineMixin, DiffusionPipeline):
         self.register_modules(transformer=transformer, label_embedder=label_embedder, scheduler=scheduler)
 
     @torch.no_grad()
-    def __call__(self, prompt=0, num_inference_steps: int = 20, guidance_scale: float = 2.5, height: int = FRAME_SIZE,
+    def __call__(self, prompt=0, num_inference_steps: int = 20, guidance_scale: float = GUIDANCE, height: int = FRAME_SIZE,
                  width: int = FRAME_SIZE, num_frames: int = NUM_FRAMES, generator: torch.Generator | None = None,
                  num_images_per_prompt: int = 1, output_type: str = "np", return_dict: bool = True):
         labels = check_call(prompt, num_images_per_prompt, num_inference_steps, output_type)
