@@ -73,6 +73,13 @@ def _demote(md: str) -> str:
     return re.sub(r"^(#+) ", lambda m: "#" * min(6, len(m.group(1)) + 1) + " ", md, flags=re.M)
 
 
+def _psnr_cell(row: dict | None) -> str:
+    """A quality row's PSNR for the headline ("-" when the bench has no such row; the cap reads as exact)."""
+    if not row:
+        return "-"
+    return f"{row['psnr']:.1f} dB" if row["psnr"] < 100 else "≥ 100 dB (exact)"
+
+
 def headline(out: Path) -> str:
     """The README snippet: the headline numbers pulled from the benches' results.json."""
     from .plots import fmt_bytes, md_table
@@ -107,12 +114,11 @@ def headline(out: Path) -> str:
         body = []
         for key, label in names:
             r = q.get(key)
-            cells = [label, "-" if not r else (f"{r['psnr']:.1f} dB" if r["psnr"] < 100 else "≥ 100 dB (exact)"),
+            cells = [label, _psnr_cell(r),
                      "-" if not r or r.get("bits_per_element") is None else f"{r['bits_per_element']:.2f}",
                      "-" if not r else fmt_bytes(r["bytes_per_image"])]
             if qv:
-                v = qv.get(key)
-                cells.append("-" if not v else (f"{v['psnr']:.1f} dB" if v["psnr"] < 100 else "≥ 100 dB (exact)"))
+                cells.append(_psnr_cell(qv.get(key)))
             if slow:
                 m = next((x for x in lw if x["method"] == key and x["bandwidth"] == slow["bandwidth"]), None)
                 cells.append("-" if not m else f"{m['wall_s']:.2f} ({m.get('speedup_vs_ring', 1):.1f}x)")

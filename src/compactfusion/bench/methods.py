@@ -56,11 +56,14 @@ def method(name: str) -> dict:
     elif strategy not in STRATEGIES or strategy == "none":
         raise ValueError(f"method {name!r}: unknown strategy {strategy!r}; use one of "
                          f"{', '.join(s for s in STRATEGIES if s != 'none')} or usp(UxR)")
-    if codec not in ("none", "auto"):
+    def check_codec(spec: str) -> None:
         try:
-            get_codec(codec)
+            get_codec(spec)
         except (ValueError, TypeError) as e:
-            raise ValueError(f"method {name!r}: codec {codec!r} is not a codec spec ({e})") from None
+            raise ValueError(f"method {name!r}: codec {spec!r} is not a codec spec ({e})") from None
+
+    if codec not in ("none", "auto"):
+        check_codec(codec)
     order, ef, ablation = (None, None, False) if codec == "none" else (1, True, False)
     for v in variants:
         w = _WARMUP.match(v)
@@ -75,7 +78,7 @@ def method(name: str) -> dict:
             if v == "o2auto":
                 out["delta_decay"] = "auto"
         elif w:
-            get_codec(w.group(1))
+            check_codec(w.group(1))
             out["warmup_codec"] = w.group(1)
         else:
             raise ValueError(f"method {name!r}: unknown variant /{v}; use noef, naive, o2, o2auto or <codec>-warmup")

@@ -161,6 +161,8 @@ def main(argv=None) -> int:
         if not is_video_digits_folder(model):
             raise UsageError(f"--model {model!r} is neither 'video' nor a video-digits folder")
     ms = methods_of(a.methods)  # any bench/methods.py name
+    if not ms:
+        raise UsageError("--methods: name at least one method, e.g. ring,ring+binary")
     seeds = list(range(a.seeds))
     plan = dict(seeds=seeds, steps=a.steps, warmup=a.warmup_steps, batch=a.batch, methods=ms, model=model)
     t0 = time.perf_counter()

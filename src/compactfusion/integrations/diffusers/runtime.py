@@ -393,13 +393,13 @@ class TransformerRuntime:
         ``joint``: replicated (q, k, v) tokens; then returns ``(out, joint_out)``.
         """
         call = self.call
-        sizes = self.owner.request_rows
-        jkw = {} if joint is None else dict(joint_q=joint[0], joint_k=joint[1], joint_v=joint[2])
-        if not sizes or len(sizes) == 1:
+        index = self.request_index(q.shape[0], q.device)
+        if index is None:
+            jkw = {} if joint is None else dict(joint_q=joint[0], joint_k=joint[1], joint_v=joint[2])
             return self.ctx.attention(q, k, v, layer=layer, step=call.stream_step, branch=call.ns, **jkw)
         out = torch.empty_like(q)
         jout = None if joint is None else torch.empty_like(joint[0])
-        for r, rows in enumerate(self.request_index(q.shape[0], q.device)):
+        for r, rows in enumerate(index):
             kw = {} if joint is None else dict(joint_q=joint[0][rows], joint_k=joint[1][rows], joint_v=joint[2][rows])
             res = self.ctx.attention(q[rows], k[rows], v[rows], layer=layer, step=call.stream_step,
                                      branch=(call.ns, "request", r), **kw)
